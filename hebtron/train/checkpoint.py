@@ -1,0 +1,420 @@
+"""Atomic training checkpoints: a crash at any instant leaves the last good one loadable.
+
+Layout under a run's checkpoint directory::
+
+    latest                    text file naming the newest checkpoint, replaced atomically
+    step_00001000/
+        model.safetensors     weights (tied tensors stored once, aliases in the metadata)
+        optimizer.pt          optimizer state, torch.save; read back with weights_only=True
+        trainer_state.json    {"step": ..., "extra": {scheduler, data position, rng, ...}}
+        COMPLETE              manifest (file sizes), written last
+        KEEP                  optional: pruning never deletes this checkpoint (eval gate)
+
+A checkpoint is written into ``step_XXXXXXXX.tmp-<pid>``, every file is fsynced, ``COMPLETE``
+goes in last, then the directory is renamed into place and only then is ``latest`` replaced.
+So ``latest`` can only ever name a directory that already holds a full checkpoint.
+
+These functions take *full* (unsharded) state dicts and are meant to run on one rank (rank 0);
+with FSDP2 gather first with ``torch.distributed.checkpoint.state_dict.get_model_state_dict``
+/ ``get_optimizer_state_dict`` and ``StateDictOptions(full_state_dict=True, cpu_offload=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from hebtron.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.json"
+COMPLETE_FILE = "COMPLETE"
+KEEP_FILE = "KEEP"
+LATEST_FILE = "latest"
+FORMAT_VERSION = 1
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_SCRATCH = re.compile(r"^(?:step_\d+|latest)\.(?:tmp|trash)-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def save_checkpoint(
+    run_ckpt_dir: str | os.PathLike,
+    step: int,
+    model_state: Mapping[str, torch.Tensor],
+    optimizer_state: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    keep_last: int | None = None,
+    extra_files: Mapping[str, str] | None = None,
+) -> Path:
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, prune to ``keep_last``.
+
+    ``extra`` must be JSON-serialisable (scheduler, data position, batch size,
+    :func:`capture_rng` output, ...). ``keep_last`` of ``None`` or ``0`` keeps everything.
+    ``extra_files`` (name -> text) are written beside the weights, e.g. the model's
+    ``config.json`` so that a checkpoint directory is also a Hugging Face directory.
+    Returns the final checkpoint directory.
+    """
+    if step < 0:
+        raise ValueError(f"save_checkpoint: step must be >= 0, got {step}")
+    root = Path(run_ckpt_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    state_json = json.dumps({"format": FORMAT_VERSION, "step": step, "extra": dict(extra or {})})
+    tensors, aliases = _dedupe_tensors(model_state)
+    _clean_scratch(root, include_own=True)
+
+    name = checkpoint_name(step)
+    final = root / name
+    tmp = root / f"{name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+    save_file(tensors, str(tmp / MODEL_FILE),
+              metadata={"format": "pt", "hebtron_aliases": json.dumps(aliases)})
+    _fsync_file(tmp / MODEL_FILE)
+    if optimizer_state is not None:
+        with open(tmp / OPTIMIZER_FILE, "wb") as fh:
+            torch.save(dict(optimizer_state), fh)
+            _flush_fsync(fh)
+    _write_text(tmp / STATE_FILE, state_json)
+    for fname, text in (extra_files or {}).items():
+        _write_text(tmp / fname, text)
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    _write_text(tmp / COMPLETE_FILE,
+                json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}))
+    _fsync_dir(tmp)
+
+    if final.exists():  # re-saving a step (resumed from an older checkpoint): swap it out
+        trash = root / f"{name}.trash-{os.getpid()}"
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
+
+    _write_latest(root, name)
+    if keep_last:
+        prune_checkpoints(root, keep_last)
+    return final
+
+
+def _dedupe_tensors(
+    state: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tied tensors once and record the other names as aliases.
+
+    safetensors refuses tensors that share memory. Identical views (a tied embedding and LM
+    head) become one entry plus an alias, so loading gives back one shared tensor; other
+    overlapping views are cloned so each is written independently.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    views: dict[tuple, str] = {}
+    storages: set[tuple[str, int]] = set()
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"save_checkpoint: model_state[{name!r}] is "
+                            f"{type(t).__name__}, not a tensor")
+        if hasattr(t, "full_tensor"):
+            raise TypeError(
+                f"save_checkpoint: model_state[{name!r}] is a DTensor shard; gather a full state "
+                "dict first (get_model_state_dict with full_state_dict=True)")
+        t = t.detach()
+        if t.numel() == 0:
+            tensors[name] = t.cpu().contiguous()
+            continue
+        storage = (str(t.device), t.untyped_storage().data_ptr())
+        view = (*storage, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if view in views:
+            aliases[name] = views[view]
+            continue
+        views[view] = name
+        shared = storage in storages
+        storages.add(storage)
+        t = t.cpu()
+        if shared or not t.is_contiguous() or t.untyped_storage().nbytes() != t.nbytes:
+            t = t.clone(memory_format=torch.contiguous_format)
+        tensors[name] = t
+    return tensors, aliases
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / f"{LATEST_FILE}.tmp-{os.getpid()}"
+    _write_text(tmp, name + "\n")
+    os.replace(tmp, root / LATEST_FILE)
+    _fsync_dir(root)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        _flush_fsync(fh)
+
+
+def _flush_fsync(fh) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a rename: the directory entry itself must reach the disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some network filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- finding, pruning
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint, or ``None`` when it is."""
+    manifest = path / COMPLETE_FILE
+    if not path.is_dir():
+        return f"{path}: no such checkpoint directory"
+    if not manifest.is_file():
+        return f"{manifest}: missing (checkpoint was not completely written)"
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{manifest}: unreadable manifest ({exc})"
+    for fname, size in files.items():
+        f = path / fname
+        if not f.is_file():
+            return f"{f}: missing (listed in {COMPLETE_FILE})"
+        if f.stat().st_size != size:
+            return f"{f}: size {f.stat().st_size} bytes, expected {size} (truncated or corrupt)"
+    return None
+
+
+def list_checkpoints(run_ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, path), oldest first."""
+    root = Path(run_ckpt_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and checkpoint_problem(p) is None:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def find_latest(run_ckpt_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint to resume from, or ``None`` if there is none.
+
+    Trusts ``latest`` when it names a complete checkpoint; otherwise (pointer missing,
+    damaged, or naming something incomplete) falls back to the newest complete ``step_*``.
+    Removes scratch directories left by crashed writers.
+    """
+    root = Path(run_ckpt_dir)
+    if not root.is_dir():
+        return None
+    _clean_scratch(root)
+    pointer = root / LATEST_FILE
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+        if _STEP_DIR.match(name):
+            problem = checkpoint_problem(root / name)
+            if problem is None:
+                return root / name
+            log.warning("latest checkpoint unusable, falling back: %s", problem)
+        else:
+            log.warning("%s: expected a step_XXXXXXXX name, got %r; falling back", pointer, name)
+    complete = list_checkpoints(root)
+    return complete[-1][1] if complete else None
+
+
+def prune_checkpoints(run_ckpt_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete complete checkpoints beyond the newest ``keep_last``; return what was deleted.
+
+    Never deletes the one ``latest`` names, nor any holding a ``KEEP`` file. A checkpoint is
+    renamed to a scratch name before removal, so a crash mid-delete never leaves a
+    half-deleted ``step_*`` directory that looks like a checkpoint.
+    """
+    if keep_last < 1:
+        raise ValueError(f"prune_checkpoints: keep_last must be >= 1, got {keep_last}")
+    root = Path(run_ckpt_dir)
+    pointer = root / LATEST_FILE
+    protected = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+    deleted = []
+    for _, path in list_checkpoints(root)[:-keep_last]:
+        if path.name == protected or (path / KEEP_FILE).exists():
+            continue
+        trash = root / f"{path.name}.trash-{os.getpid()}"
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        deleted.append(path)
+    return deleted
+
+
+def mark_keep(checkpoint: str | os.PathLike, reason: str = "") -> None:
+    """Protect a checkpoint from pruning (e.g. it passed the eval gate)."""
+    _write_text(Path(checkpoint) / KEEP_FILE, reason + "\n")
+
+
+def _clean_scratch(root: Path, include_own: bool = False) -> None:
+    """Remove ``*.tmp-<pid>`` / ``*.trash-<pid>`` left by writers that are no longer running.
+
+    ``include_own`` also removes this process's leftovers (a save that raised earlier); only
+    the saver passes it, right before it starts writing.
+    """
+    for p in root.iterdir():
+        m = _SCRATCH.match(p.name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() and not include_own:
+            continue
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_checkpoint(
+    path: str | os.PathLike, *, load_optimizer: bool = True, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
+    """Read a checkpoint directory back as ``(model_state, optimizer_state, extra)``.
+
+    Tied tensors come back as one shared tensor under every name. ``extra`` is what was
+    saved, with ``"step"`` added. ``optimizer_state`` is ``None`` when not saved or not asked
+    for. Anything missing or unreadable raises :class:`CheckpointError` naming the file.
+    """
+    ckpt = Path(path)
+    problem = checkpoint_problem(ckpt)
+    if problem is not None:
+        raise CheckpointError(problem)
+
+    model_file = ckpt / MODEL_FILE
+    try:
+        with safe_open(str(model_file), framework="pt", device=str(device)) as f:
+            model_state = {k: f.get_tensor(k) for k in f.keys()}
+            aliases = json.loads((f.metadata() or {}).get("hebtron_aliases", "{}"))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{model_file}: unreadable safetensors file ({exc})") from exc
+    for alias, target in aliases.items():
+        if target not in model_state:
+            raise CheckpointError(
+                f"{model_file}: alias {alias!r} points to missing tensor {target!r}")
+        model_state[alias] = model_state[target]
+
+    state_file = ckpt / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        extra = dict(state["extra"])
+        extra["step"] = int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{state_file}: unreadable trainer state ({exc})") from exc
+
+    optimizer_state = None
+    optim_file = ckpt / OPTIMIZER_FILE
+    if load_optimizer and optim_file.exists():
+        try:
+            optimizer_state = torch.load(optim_file, map_location=device, weights_only=True)
+        except Exception as exc:  # torch.load raises many types on damaged files
+            raise CheckpointError(f"{optim_file}: unreadable optimizer state ({exc})") from exc
+    return model_state, optimizer_state, extra
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states (python, numpy, torch CPU, CUDA) as plain JSON data.
+
+    JSON keeps it inside ``trainer_state.json`` and loadable without unpickling. Each rank
+    has its own RNG; the loop decides whether to save rank 0's or gather all ranks'.
+    """
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": None,
+        "numpy": None,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        state["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Restore states from :func:`capture_rng`; accepts its output or an ``extra`` holding it
+    under ``"rng"``. Missing parts (no numpy, no CUDA now or then) are skipped."""
+    if "rng" in state:
+        state = state["rng"]
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda])
+        else:
+            log.warning("CUDA RNG saved for %d devices, %d present; not restored",
+                        len(cuda), torch.cuda.device_count())
+    if state.get("numpy") is not None:
+        try:
+            import numpy as np
+        except ImportError:
+            return
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))

@@ -1,0 +1,312 @@
+"""The training loop: one loop for every run, the backend supplies parallelism.
+
+One optimizer step takes ``train.global_batch`` sequences. Every rank draws the same global
+batch from the (deterministic) data pipeline and keeps its own slice, so the data order is
+the same for any number of ranks, and the global count of loss tokens is known on every rank
+without communication. Each micro-batch's summed loss is divided by that global count before
+backward, so accumulation and data parallelism do not change the gradient.
+
+Resume restores weights, optimizer, schedule, data position, guards and RNG: a run killed
+and resumed with ``--resume auto`` writes the same per-step losses as one never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hebtron.backends.native import NativeBackend
+from hebtron.errors import UserError
+from hebtron.model.config import describe
+from hebtron.model.hf import hf_tensors_from_state, load_hf_state_dict
+from hebtron.recipe import Recipe, dump_recipe
+from hebtron.train.checkpoint import capture_rng, find_latest, load_checkpoint, restore_rng, save_checkpoint
+from hebtron.train.guards import EarlyKillGuard, NanGuard
+from hebtron.train.loss import token_loss_sum
+from hebtron.train.metrics import MetricsWriter, Progress
+from hebtron.train.optim import build_adamw, clip_grad_norm
+from hebtron.train.schedule import TokenSchedule, set_lr
+from hebtron.train.setup import build_model, build_train_data, build_valid_data, load_tokenizer
+
+MODEL_INPUTS = ("input_ids", "position_ids", "seq_idx")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    tokens: int
+    final_checkpoint: Path | None
+    val_loss_start: dict[str, float] = field(default_factory=dict)
+    val_loss_end: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+    tokens_per_s: float = 0.0
+    stopped_by_signal: bool = False
+
+
+def split_rows(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Rows ``start:stop`` of every per-token field (``cu_seqlens`` is rebuilt by consumers)."""
+    return {k: v[start:stop] for k, v in batch.items() if k != "cu_seqlens"}
+
+
+def accumulate_gradients(
+    model: torch.nn.Module,
+    micro_batches: list[dict[str, torch.Tensor]],
+    global_loss_tokens: int,
+    backend: NativeBackend,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """Backward over the micro-batches; returns this rank's summed loss (fp64, detached)."""
+    total = torch.zeros((), dtype=torch.float64)
+    scale = backend.loss_scale / max(global_loss_tokens, 1)
+    for i, micro in enumerate(micro_batches):
+        micro = {k: v.to(backend.device) for k, v in micro.items()}
+        with backend.autocast(precision):
+            logits = model(**{k: micro[k] for k in MODEL_INPUTS if k in micro}).logits
+        loss_sum = token_loss_sum(logits, micro["labels"], micro["loss_mask"])
+        with backend.gradient_sync(model, enabled=i == len(micro_batches) - 1):
+            (loss_sum * scale).backward()
+        total += loss_sum.detach().double().cpu()
+    return total
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, resume: str | None = None) -> None:
+        self.recipe = recipe
+        train = recipe.train
+        self.backend = NativeBackend(recipe.parallel.dp)
+        self.tokenizer = load_tokenizer(recipe.tokenizer.path)
+        model = build_model(recipe, self.tokenizer)
+        self.config = model.config
+        self.model = self.backend.wrap(model)
+        self.optimizer = build_adamw(
+            self.model, train.lr, train.weight_decay, (train.adam_beta1, train.adam_beta2), train.adam_eps
+        )
+        self.schedule = TokenSchedule(
+            train.schedule,
+            train.lr,
+            train.min_lr,
+            train.warmup_tokens,
+            recipe.planned_tokens,
+            recipe.decay_token_count if train.schedule == "wsd" else 0,
+            train.decay_shape,
+        )
+        self.data = build_train_data(recipe)
+        self.valid = build_valid_data(recipe)
+        self.nan_guard = NanGuard(train.nan_guard_max_skips)
+        kill = train.early_kill
+        self.early_kill = EarlyKillGuard(kill.window_steps, kill.margin, kill.ema) if kill.enabled else None
+        self.run_dir = Path(recipe.logging.run_dir)
+        self.ckpt_dir = Path(recipe.checkpoint.dir)
+        self.step = 0
+        self.tokens = 0
+        self.val_loss_start: dict[str, float] = {}
+        self._stop_signal: int | None = None
+        resumed_from = self._resolve_resume(resume)
+        if resumed_from is not None:
+            self._load(resumed_from)
+        self.resumed_from = resumed_from
+        self.metrics = MetricsWriter(
+            self.run_dir,
+            tensorboard=recipe.logging.tensorboard,
+            resume_step=self.step if resumed_from is not None else None,
+            enabled=self.backend.is_main,
+        )
+
+    # ------------------------------------------------------------------ the run
+    @property
+    def done(self) -> bool:
+        if self.recipe.train.total_steps is not None:
+            return self.step >= self.recipe.train.total_steps
+        return self.tokens >= self.recipe.planned_tokens
+
+    def run(self) -> RunResult:
+        recipe, train = self.recipe, self.recipe.train
+        self._install_signal_handlers()
+        if self.backend.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+            self._say(f"model: {describe(self.config)}")
+            start = f"resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "fresh start"
+            self._say(f"run dir: {self.run_dir} ({start}); {recipe.planned_tokens:,} tokens planned")
+        if self.valid and self.step == 0:
+            self.val_loss_start = self.evaluate()
+            self._say("validation loss before training: " + _fmt_losses(self.val_loss_start))
+        progress = Progress(recipe.planned_tokens, self.tokens, enabled=self.backend.is_main and recipe.logging.progress)
+        started, start_tokens = time.perf_counter(), self.tokens
+        last_ckpt: Path | None = None
+        val_end: dict[str, float] = {}
+        try:
+            while not self.done and self._stop_signal is None:
+                record = self.train_step()
+                due_eval = train.eval_interval and self.step % train.eval_interval == 0
+                if self.valid and (due_eval or self.done):
+                    val_end = self.evaluate()
+                    record.update({f"val_loss/{k}": v for k, v in val_end.items()})
+                    record["val_loss"] = next(iter(val_end.values()))
+                self.metrics.log(record)
+                progress.update(self.step, self.tokens, record["loss"], record["lr"])
+                if self.step % recipe.logging.log_interval == 0 and not recipe.logging.progress:
+                    self._say(_fmt_record(record))
+                interval = recipe.checkpoint.interval
+                if (interval and self.step % interval == 0) or self.done:
+                    last_ckpt = self.save()
+            if self._stop_signal is not None and not self.done:
+                self._say(f"signal {self._stop_signal}: saving a checkpoint at step {self.step} and stopping")
+                last_ckpt = self.save()
+        finally:
+            progress.close()
+            self.metrics.close()
+        wall = time.perf_counter() - started
+        if self.valid and val_end:
+            self._say("validation loss after training: " + _fmt_losses(val_end))
+        return RunResult(
+            self.run_dir, self.step, self.tokens, last_ckpt, self.val_loss_start, val_end, wall,
+            (self.tokens - start_tokens) / max(wall, 1e-9), self._stop_signal is not None,
+        )
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its metrics record."""
+        recipe, train = self.recipe, self.recipe.train
+        t0 = time.perf_counter()
+        step_tokens = train.global_batch * recipe.data.seq_len
+        lr = self.schedule.lr(self.tokens + step_tokens)
+        set_lr(self.optimizer, lr)
+        phase = self.data.phase_name
+        batch = self.data.next_batch(train.global_batch)
+        loss_tokens = int(batch["loss_mask"].sum())
+        per_rank = train.global_batch // self.backend.world_size
+        first = self.backend.rank * per_rank
+        micro_batches = [
+            split_rows(batch, s, s + train.micro_batch) for s in range(first, first + per_rank, train.micro_batch)
+        ]
+        self.model.train()
+        loss_sum = accumulate_gradients(self.model, micro_batches, loss_tokens, self.backend, train.precision)
+        loss = float(self.backend.all_reduce_sum(loss_sum.to(self.backend.device)).item()) / max(loss_tokens, 1)
+        grad_norm = clip_grad_norm(self.model.parameters(), train.grad_clip if train.grad_clip > 0 else math.inf)
+        skipped = self.nan_guard.check(loss, grad_norm, self.step + 1)
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += step_tokens
+        if self.early_kill is not None:
+            self.early_kill.update(self.step, loss)
+        elapsed = time.perf_counter() - t0
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": step_tokens / elapsed,
+            "loss_tokens": loss_tokens,
+            "skipped_steps": self.nan_guard.total,
+            "phase": phase,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean next-token loss per validation source (the same fixed batches every time)."""
+        self.model.eval()
+        out = {}
+        for name, batches in self.valid.items():
+            total = torch.zeros(2, dtype=torch.float64)
+            for batch in batches:
+                batch = {k: v.to(self.backend.device) for k, v in batch.items() if k != "cu_seqlens"}
+                with self.backend.autocast(self.recipe.train.precision):
+                    logits = self.model(**{k: batch[k] for k in MODEL_INPUTS}).logits
+                total[0] += token_loss_sum(logits, batch["labels"], batch["loss_mask"]).double().cpu()
+                total[1] += batch["loss_mask"].sum().double().cpu()
+            out[name] = float(total[0] / total[1].clamp(min=1))
+        return out
+
+    # --------------------------------------------------------------- checkpoints
+    def save(self) -> Path | None:
+        model_state = self.backend.model_state(self.model)
+        optim_state = self.backend.optimizer_state(self.model, self.optimizer)
+        path = None
+        if self.backend.is_main:
+            hf_tensors = dict(hf_tensors_from_state(model_state))
+            extra = {
+                "tokens": self.tokens,
+                "data": self.data.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "nan_guard": self.nan_guard.state_dict(),
+                "early_kill": self.early_kill.state_dict() if self.early_kill else None,
+                "val_loss_start": self.val_loss_start,
+                "rng": capture_rng(),
+                "tokenizer": str(self.recipe.tokenizer.path),
+                "world_size": self.backend.world_size,
+            }
+            config_json = json.dumps(self.config.to_hf_dict(), indent=2, sort_keys=True)
+            path = save_checkpoint(
+                self.ckpt_dir, self.step, hf_tensors, optim_state, extra,
+                keep_last=self.recipe.checkpoint.keep_last, extra_files={"config.json": config_json},
+            )
+        self.backend.barrier()
+        return path
+
+    def _resolve_resume(self, resume: str | None) -> Path | None:
+        if resume in (None, "none", "never"):
+            return None
+        if resume == "auto":
+            return find_latest(self.ckpt_dir)
+        path = Path(resume)
+        if not path.is_dir():
+            raise UserError(f"--resume: {path} is not a checkpoint directory (or use 'auto')")
+        return path
+
+    def _load(self, path: Path) -> None:
+        _, optim_state, extra = load_checkpoint(path)
+        model_state = load_hf_state_dict(path, self.config)
+        self.backend.load_model_state(self.model, model_state)
+        if optim_state is not None:
+            self.backend.load_optimizer_state(self.model, self.optimizer, optim_state)
+        self.step = int(extra["step"])
+        self.tokens = int(extra["tokens"])
+        self.data.load_state_dict(extra["data"])
+        self.schedule.load_state_dict(extra["schedule"])
+        self.nan_guard.load_state_dict(extra["nan_guard"])
+        if self.early_kill is not None and extra.get("early_kill"):
+            self.early_kill.load_state_dict(extra["early_kill"])
+        self.val_loss_start = dict(extra.get("val_loss_start") or {})
+        restore_rng(extra["rng"])
+
+    # ------------------------------------------------------------------ helpers
+    def _install_signal_handlers(self) -> None:
+        """SIGUSR1 (Slurm's time-limit warning) and SIGTERM: finish the step, checkpoint, stop."""
+
+        def handler(signum: int, _frame: Any) -> None:
+            self._stop_signal = signum
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+
+    def _say(self, text: str) -> None:
+        if self.backend.is_main:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _fmt_losses(losses: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+
+
+def _fmt_record(record: dict[str, Any]) -> str:
+    return (
+        f"step {record['step']} | tokens {record['tokens']:,} | loss {record['loss']:.4f} | "
+        f"lr {record['lr']:.2e} | grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s"
+    )

@@ -1,0 +1,77 @@
+"""Turn a recipe's model, tokenizer and data sections into objects the loop runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from hebtron.data.cpt import CPTBatches, Phase, Source, ValidationBatches
+from hebtron.errors import UserError
+from hebtron.model import HybridConfig, HybridModel
+from hebtron.model.hf import load_hf
+from hebtron.recipe import Recipe
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """A local tokenizer directory (or the directory of a tokenizer.json); never remote code."""
+    directory = path.parent if path.is_file() else path
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot load tokenizer ({str(err).splitlines()[0]})") from None
+
+
+def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> HybridModel:
+    """From a HF checkpoint (``model.hf_path``) or from scratch (``model.init``), seeded."""
+    section = recipe.model
+    torch.manual_seed(recipe.train.seed)
+    if section.hf_path is not None:
+        model = load_hf(section.hf_path, dtype=DTYPES[section.dtype or "float32"])
+    else:
+        raw = dict(section.init or {})
+        raw.setdefault("vocab_size", len(tokenizer))
+        raw.setdefault("pad_token_id", tokenizer.pad_token_id)
+        raw.setdefault("bos_token_id", tokenizer.bos_token_id)
+        raw.setdefault("eos_token_id", tokenizer.eos_token_id)
+        config = HybridConfig.from_dict(raw, source="recipe: model.init")
+        model = HybridModel(config)
+        if section.dtype:
+            model.to(DTYPES[section.dtype])
+    if len(tokenizer) > model.config.vocab_size:
+        raise UserError(
+            f"recipe: model: vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
+            f"{len(tokenizer)} tokens ({recipe.tokenizer.path})"
+        )
+    return model
+
+
+def _indexed_prefix(source, what: str) -> str:
+    if source.format != "indexed":
+        raise UserError(
+            f"recipe: {what} {source.name!r}: {source.path} is a {source.format} file; CPT reads indexed "
+            f"datasets: run `hebtron data prepare --input {source.path} --out PREFIX` and point path at PREFIX"
+        )
+    return str(source.path)
+
+
+def build_train_data(recipe: Recipe) -> CPTBatches:
+    data = recipe.data
+    sources = [Source(_indexed_prefix(s, "data.sources"), s.weight, s.name) for s in data.sources]
+    phases = [Phase(p.name, p.tokens, data.phase_weights(p)) for p in data.phases]
+    if phases:  # after the last budget the run continues with the last mixture
+        phases[-1] = Phase(phases[-1].name, None, phases[-1].weights)
+    return CPTBatches(sources, data.seq_len, seed=recipe.train.seed, phases=phases or None)
+
+
+def build_valid_data(recipe: Recipe) -> dict[str, ValidationBatches]:
+    data = recipe.data
+    return {
+        s.name: ValidationBatches(
+            _indexed_prefix(s, "data.valid"), data.seq_len, recipe.train.micro_batch, recipe.train.eval_batches
+        )
+        for s in data.valid
+    }

@@ -1,0 +1,154 @@
+"""``hebtron data prepare``: JSONL / Parquet / HF datasets -> Megatron indexed datasets + language ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hebtron.data.indexed import prepare, read_meta
+from hebtron.data.lang import LANG_IDS, UNKNOWN_LANG, lang_id
+from hebtron.data.tokenizer import load_tokenizer, train_tokenizer
+from hebtron.errors import UserError
+
+DOCS = [
+    ("עשרות אנשים מגיעים מתאילנד לישראל כשהם נרשמים כמתנדבים.", "he"),
+    ("IN THE beginning God created the heaven and the earth.", "en"),
+    ("בראשית ברא אלהים את השמים ואת הארץ.", "he"),
+    ("Это русский текст.", "ru"),
+    ("Texte sans langue connue.", "xx"),
+    ("מסמך בלי שדה שפה", None),
+]
+
+
+def write_jsonl(path: Path, docs) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for text, lang in docs:
+            rec = {"text": text} if lang is None else {"text": text, "lang": lang}
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    corpus = write_jsonl(d / "c.jsonl", DOCS * 3)
+    out = d / "tok"
+    train_tokenizer([corpus], vocab_size=400, out=out)
+    return out
+
+
+def megatron_docs(prefix: Path) -> list[list[int]]:
+    from hebtron.data.indexed import megatron_indexed
+
+    IndexedDataset = megatron_indexed().IndexedDataset  # megatron's own reader
+
+    ds = IndexedDataset(str(prefix))
+    assert list(ds.document_indices) == list(range(len(ds) + 1))  # one sequence per document
+    return [ds[i].tolist() for i in range(len(ds))]
+
+
+def expected_ids(tok_dir: Path, texts: list[str], eos: bool = True) -> list[list[int]]:
+    return [ids + [2] * eos for ids in load_tokenizer(tok_dir).encode_batch(texts)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_jsonl_round_trip_through_megatron(tmp_path, tok_dir, workers):
+    src = write_jsonl(tmp_path / "in.jsonl", DOCS)
+    meta = prepare([src], str(tok_dir), tmp_path / "out" / "train", workers=workers)
+    docs = megatron_docs(tmp_path / "out" / "train")
+    assert docs == expected_ids(tok_dir, [t for t, _ in DOCS])
+    assert all(d[-1] == 2 for d in docs)
+    langs = np.load(tmp_path / "out" / "train.lang.npy")
+    assert langs.tolist() == [0, 1, 0, LANG_IDS["ru"], UNKNOWN_LANG, UNKNOWN_LANG]
+    assert meta == read_meta(tmp_path / "out" / "train")
+    assert meta["tokens"] == sum(map(len, docs)) and meta["documents"] == 6
+    assert meta["eos_id"] == 2 and meta["pad_id"] == 3 and meta["dtype"] == "uint16"
+    assert meta["unknown_lang"] == {"xx": 1}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        ["train.bin", "train.idx", "train.lang.npy", "train.meta.json"]  # no temp files left
+
+
+def test_parquet_hf_dir_and_jsonl_concatenate_in_order(tmp_path, tok_dir):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [DOCS[0][0], DOCS[1][0]], "lang": ["he", "en"]}), tmp_path / "a.parquet")
+    datasets.Dataset.from_dict({"text": [DOCS[2][0]]}).save_to_disk(str(tmp_path / "hf"))
+    write_jsonl(tmp_path / "c.jsonl", [DOCS[3]])
+    meta = prepare([tmp_path / "a.parquet", tmp_path / "hf", tmp_path / "c.jsonl"], str(tok_dir),
+                   tmp_path / "mix", default_lang="he", append_eos=False)
+    assert megatron_docs(tmp_path / "mix") == expected_ids(tok_dir, [t for t, _ in DOCS[:4]], eos=False)
+    assert np.load(tmp_path / "mix.lang.npy").tolist() == [0, 1, 0, LANG_IDS["ru"]]  # hf row took --lang he
+    assert meta["append_eos"] is False
+
+
+def test_skip_empty_counts(tmp_path, tok_dir):
+    src = tmp_path / "e.jsonl"
+    src.write_text('{"text": "שלום"}\n\n{"text": "  "}\n{"text": "עולם", "lang": "he"}\n', encoding="utf-8")
+    meta = prepare([src], str(tok_dir), tmp_path / "e", skip_empty=True)
+    assert meta["documents"] == 2 and meta["skipped_empty"] == 1
+    with pytest.raises(UserError, match=r"e\.jsonl:3: field 'text' is empty"):
+        prepare([src], str(tok_dir), tmp_path / "e2")
+    assert not (tmp_path / "e2.bin").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "x"}\n["text"]\n', "2: expected a JSON object"),
+    ('{"body": "x"}\n', "1: field 'text' is missing"),
+    ('{"text": 5}\n', "1: field 'text' must be a string"),
+    ('{"text": "x", "lang": 1}\n', "1: field 'lang' must be a language code"),
+])
+def test_malformed_records_name_the_line(tmp_path, tok_dir, content, message):
+    src = tmp_path / "m.jsonl"
+    src.write_text(content)
+    with pytest.raises(UserError, match=f"m.jsonl:{message}"):
+        prepare([src], str(tok_dir), tmp_path / "m")
+
+
+def test_parquet_null_text_and_dataset_dict(tmp_path, tok_dir):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["ok", None]}), tmp_path / "n.parquet")
+    with pytest.raises(UserError, match=r"n\.parquet:row 2: field 'text' is missing"):
+        prepare([tmp_path / "n.parquet"], str(tok_dir), tmp_path / "n")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"]})}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(UserError, match="several splits"):
+        prepare([tmp_path / "dd"], str(tok_dir), tmp_path / "dd_out")
+
+
+def test_lang_ids_are_fixed():
+    assert (lang_id("he"), lang_id("EN"), lang_id(None), lang_id("xx")) == (0, 1, -1, -1)
+
+
+BAD_INPUTS = {
+    "non-utf8": (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', ":2: not valid UTF-8"),
+    "empty-doc": (b'{"text": "ok"}\n{"text": "ok too"}\n{"text": ""}\n', ":3: field 'text' is empty"),
+    "broken-json": (b'{"text": "ok"}\n{"text": "unterminated\n', ":2: broken JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_cli_bad_data_is_one_line_exit_2(tmp_path, tok_dir, case):
+    content, message = BAD_INPUTS[case]
+    src = tmp_path / f"{case}.jsonl"
+    src.write_bytes(content)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "hebtron.cli", "data", "prepare", "--input", str(src),
+         "--tokenizer", str(tok_dir), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"error: {src}{message}"), lines[0]
+    assert not list(tmp_path.glob("out*"))

@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench clean slurm-deps
 
 venv: $(STAMP)
 
@@ -22,14 +22,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-test: venv
+# The Slurm tests start a real single-node Slurm (tests/test_slurm.py calls slurm/local/start.sh
+# and stop.sh); slurm-deps installs slurm-wlm, munge and shellcheck via apt when missing.
+test: venv slurm-deps
 	$(PY) -m pytest tests
+
+slurm-deps:
+	@slurm/local/install-deps.sh
 
 demo: venv
 	$(PY) -m hebtron.demo
 
 bench: venv
 	$(PY) bench/model_throughput.py
+	$(PY) bench/packing.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

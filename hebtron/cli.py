@@ -20,6 +20,11 @@ COMMAND_MODULES: list[str] = [
     "hebtron.recipe.commands",
     "hebtron.data.commands",
     "hebtron.train.commands",
+    "hebtron.train.plan_commands",
+    "hebtron.eval.commands",
+    "hebtron.launch.commands",
+    "hebtron.monitor.commands",
+    "hebtron.backends.commands",
 ]
 
 

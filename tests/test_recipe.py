@@ -229,7 +229,7 @@ def _set(tree: dict, dotted: str, value: object) -> dict:
         ("train.micro_batch", 3, "train.micro_batch x parallel.dp = 3 x 1 must divide train.global_batch (8)"),
         ("parallel", {"dp": 2, "tp": 2}, "parallel.tp > 1 needs backend: megatron"),
         ("parallel", {"dp": 3}, "train.micro_batch x parallel.dp = 2 x 3 must divide train.global_batch (8)"),
-        ("backend", "megatron", "backend: expected 'native', got 'megatron'"),
+        ("backend", "deepspeed", "backend: expected 'native' or 'megatron', got 'deepspeed'"),
         ("data.sources.1.path", "data/missing.jsonl", "data.sources[1].path: data file 'data/missing.jsonl' not found"),
         ("data.sources.0.path", "data/gone", "data.sources[0].path: indexed dataset (.bin + .idx) 'data/gone' not found"),
         ("data.sources.0.path", "data/he.bin", "data.sources[0].path: give the indexed dataset prefix without '.bin'"),

@@ -1,4 +1,4 @@
-"""``hebtron data demo|prepare`` and ``hebtron tokenizer train|report``.
+"""``hebtron data demo|prepare|pack`` and ``hebtron tokenizer train|report``.
 
 Handlers import their heavy modules (datasets, tokenizers, megatron.core) lazily so that
 ``hebtron --help`` stays fast.
@@ -38,6 +38,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--lang", default=None, help="language code for records without a 'lang' field")
     prep.set_defaults(func=_prepare)
 
+    pack = data_sub.add_parser("pack", help="SFT: encode chat data and pack it into rows (Parquet) for reuse")
+    pack.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                      help="chat data: .jsonl / .parquet with 'messages' (and optional 'lang'), or a save_to_disk "
+                           "directory; concatenated in order")
+    pack.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory")
+    pack.add_argument("--seq-len", type=int, required=True, help="tokens per row (the recipe's data.seq_len)")
+    pack.add_argument("--out", required=True, type=Path, metavar="FILE.parquet", help="output Parquet file")
+    pack.add_argument("--template", default="auto",
+                      help="auto (the tokenizer's, else ChatML), tokenizer, chatml, or a .jinja file")
+    pack.add_argument("--train-on", choices=["all", "last"], default="all", help="assistant turns that carry loss")
+    pack.add_argument("--overlong", choices=["drop", "truncate"], default="drop",
+                      help="conversations longer than --seq-len: drop, or truncate keeping the final assistant turn")
+    pack.add_argument("--strict", action="store_true", help="stop at the first bad conversation")
+    pack.add_argument("--pad-to-multiple-of", type=int, default=1, metavar="M",
+                      help="pad each conversation to a multiple of M tokens (tensor / context parallelism)")
+    pack.add_argument("--buffer", type=int, default=20_000, help="conversations packed together (bounds memory)")
+    pack.add_argument("--lang", default=None, help="language code for records without a 'lang' field")
+    pack.set_defaults(func=_pack)
+
     tok = sub.add_parser("tokenizer", help="train tokenizers and compare their compression")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND", required=True)
     train = tok_sub.add_parser("train", help="train a byte-level BPE (transformers-loadable directory)")
@@ -64,6 +83,16 @@ def _demo(args: argparse.Namespace) -> int:
     for name, info in m["files"].items():
         print(f"  {name}: " + ", ".join(f"{v:,} {k}" for k, v in info.items()))
     print(f"  licenses: see {args.out / 'manifest.json'} ({m['license_note']})")
+    from hebtron.data.sft_demo import build_sft_demo
+
+    sft = build_sft_demo(args.out, seed=args.seed, force=args.force)
+    for name, info in sft["files"].items():
+        print(f"  {name}: " + ", ".join(f"{v:,} {k}" for k, v in info.items()))
+    from hebtron.eval.minisuite import build_mini_suite
+
+    mini = build_mini_suite(args.out, args.out.parent / "eval", seed=args.seed, tokenizer_dir=args.out.parent / "tokenizer")
+    print(f"  eval mini suite ({mini['tasks_dir']}): "
+          + ", ".join(f"{task} {info['docs']:,}" for task, info in mini["tasks"].items()))
     return 0
 
 
@@ -79,6 +108,51 @@ def _prepare(args: argparse.Namespace) -> int:
         print(f"  skipped {meta['skipped_empty']:,} empty documents")
     if meta["unknown_lang"]:
         print(f"  language codes not in hebtron.data.lang (stored as -1): {meta['unknown_lang']}")
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from hebtron.data.chat import ChatReader, ChatTemplate, read_template_file
+    from hebtron.data.lang import UNKNOWN_LANG, lang_id
+    from hebtron.data.packing import PackingReport, PackStats, pack_stream, write_packed_parquet
+    from hebtron.data.sft import pad_id_of
+    from hebtron.errors import UserError
+    from hebtron.train.setup import load_tokenizer
+
+    if args.seq_len < 1 or args.pad_to_multiple_of < 1 or args.seq_len % args.pad_to_multiple_of:
+        raise UserError(f"--seq-len {args.seq_len} must be a positive multiple of --pad-to-multiple-of "
+                        f"{args.pad_to_multiple_of}")
+    if args.buffer < 1:
+        raise UserError(f"--buffer must be positive, got {args.buffer}")
+    if args.out.suffix != ".parquet":
+        raise UserError(f"--out {args.out}: expected a .parquet file name")
+    tokenizer = load_tokenizer(args.tokenizer)
+    source = args.template
+    if Path(source).suffix in (".jinja", ".j2") or Path(source).is_file():
+        source = read_template_file(source)
+    template = ChatTemplate(tokenizer, source, args.train_on)
+    reader = ChatReader(template, args.seq_len, args.overlong, args.strict, args.pad_to_multiple_of)
+    default_lang = lang_id(args.lang) if args.lang else UNKNOWN_LANG
+    stats = PackStats()
+
+    def examples():
+        for path in args.input:
+            yield from reader.read(path, default_lang)
+
+    def meta() -> dict:
+        return {
+            "tokenizer": str(args.tokenizer.resolve()), "vocab_size": len(tokenizer),
+            "template_sha256": hashlib.sha256(template.source.encode()).hexdigest(), "train_on": args.train_on,
+            "overlong": args.overlong, "pad_to_multiple_of": args.pad_to_multiple_of, "pad_id": pad_id_of(tokenizer),
+            "inputs": [str(Path(p).resolve()) for p in args.input], "chat": reader.stats.as_dict(), **stats.as_dict(),
+        }
+
+    rows = pack_stream(examples(), args.seq_len, pad_id_of(tokenizer), args.pad_to_multiple_of, args.buffer, stats)
+    write_packed_parquet(rows, args.out, args.seq_len, meta)
+    for line in PackingReport(str(args.out), reader.stats, stats).lines():
+        print(line)
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Router monitors: routing figures per MoE layer and language, collapse alarms, plots, the probe."""

@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from hebtron.data.lang import LANG_IDS
 from hebtron.recipe.hints import did_you_mean
 from hebtron.recipe.paths import InputPath, MissingPath, OutputPath, indexed_exists, resolve_field, safely
 from hebtron.recipe.units import DecayLength, TokenCount, format_tokens
@@ -84,6 +85,8 @@ class ModelSection(Section):
     def _checkpoint_dir(cls, value: Any, info: ValidationInfo) -> Any:
         resolved = resolve_field(value, info, "checkpoint directory", Path.is_dir)
         checked = isinstance(info.context, dict) and info.context.get("check_paths")
+        if isinstance(resolved, Path) and safely(Path.is_file, resolved / "latest"):
+            resolved = _latest_checkpoint(resolved)  # a hebtron checkpoints directory: its newest step_N
         if checked and isinstance(resolved, Path) and not safely(Path.is_file, resolved / "config.json"):
             raise MissingPath(f"no config.json in {resolved}; expected a Hugging Face NemotronH checkpoint directory")
         return resolved
@@ -96,6 +99,14 @@ class ModelSection(Section):
         return self
 
 
+def _latest_checkpoint(root: Path) -> Path:
+    if safely(Path.is_file, root / "config.json"):
+        return root
+    from hebtron.train.checkpoint import find_latest  # torch: only for checkpoint directories
+
+    return find_latest(root) or root
+
+
 class TokenizerSection(Section):
     """Defaults to ``model.hf_path`` when the model comes from a checkpoint directory."""
 
@@ -103,7 +114,7 @@ class TokenizerSection(Section):
 
 
 # ------------------------------------------------------------------------------------ data
-DataFormat = Literal["indexed", "jsonl", "parquet"]
+DataFormat = Literal["indexed", "jsonl", "parquet", "hf"]
 _FILE_FORMATS: dict[str, DataFormat] = {".jsonl": "jsonl", ".parquet": "parquet"}
 _UNSUPPORTED = (".json", ".txt", ".csv", ".tsv", ".gz", ".zst", ".arrow", ".bin", ".idx")
 
@@ -133,13 +144,18 @@ class DataSource(Section):
             raise ValueError(f"give the indexed dataset prefix without {suffix!r}: {value[: -len(suffix)]!r}")
         if suffix in _UNSUPPORTED:
             raise ValueError(f"unsupported data file {value!r}; expected .jsonl, .parquet or an indexed dataset prefix")
-        if data_format(value) == "indexed":
-            return resolve_field(value, info, "indexed dataset (.bin + .idx)", indexed_exists)
+        if data_format(value) == "indexed":  # or a save_to_disk directory (SFT chat data)
+            return resolve_field(value, info, "indexed dataset (.bin + .idx)", _indexed_or_dir)
         return resolve_field(value, info, "data file", Path.is_file)
 
     @property
     def format(self) -> DataFormat:
-        return data_format(self.path)
+        found = data_format(self.path)
+        return "hf" if found == "indexed" and safely(Path.is_dir, self.path) else found
+
+
+def _indexed_or_dir(path: Path) -> bool:
+    return indexed_exists(path) or path.is_dir()
 
 
 class Phase(Section):
@@ -188,6 +204,37 @@ class DataSection(Section):
         """Source name -> weight, with ``phase``'s overrides applied."""
         override = phase.weights if phase is not None else {}
         return {s.name: override.get(s.name, s.weight) for s in self.sources}
+
+
+# ------------------------------------------------------------------------------------- sft
+class SFTSection(Section):
+    """Supervised fine-tuning: its presence makes the recipe an SFT run (``hebtron sft``).
+    ``data.sources`` / ``data.valid`` are then chat data: ``.jsonl`` / ``.parquet`` with a
+    ``messages`` column, ``save_to_disk`` directories, or rows packed by ``hebtron data pack``."""
+
+    template: str = Field(
+        "auto", description="chat template: 'auto' (the tokenizer's, else hebtron's ChatML), 'tokenizer', "
+                            "'chatml', or Jinja source"
+    )
+    template_file: InputPath | None = Field(None, description="a Jinja chat template file (instead of template)")
+    train_on: Literal["all", "last"] = Field("all", description="assistant turns that carry loss: all, or the last")
+    overlong: Literal["drop", "truncate"] = Field(
+        "drop", description="conversations longer than data.seq_len: drop (counted), or truncate keeping the final "
+                            "assistant turn (oldest turns first)"
+    )
+    strict: bool = Field(False, description="stop at the first bad conversation instead of counting it")
+    loss_average: Literal["token", "sample"] = Field(
+        "token", description="token: every assistant token weighs the same; sample: every conversation does"
+    )
+    pad_to_multiple_of: int = Field(1, ge=1, description="pad each packed conversation to a multiple (TP/CP, fp8)")
+    cu_seqlens_size: int | None = Field(None, gt=1, description="pad cu_seqlens to this fixed length (CUDA graphs)")
+    pack_buffer: int = Field(20_000, gt=0, description="conversations packed together per buffer (bounds memory)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SFTSection:
+        if self.template_file is not None and self.template != "auto":
+            raise FieldProblem(("template_file",), f"set template or template_file, not both (template is {self.template!r})")
+        return self
 
 
 # ----------------------------------------------------------------------------------- train
@@ -264,6 +311,134 @@ class ParallelSection(Section):
     cp: int = Field(1, ge=1, description="context parallel (megatron backend)")
 
 
+class MegatronSection(Section):
+    """Megatron-Core settings beyond the parallel degrees (``backend: megatron`` only)."""
+
+    sequence_parallel: bool = Field(True, description="shard norms/dropout activations over tp (on with MoE and tp > 1)")
+    virtual_pipeline: int | None = Field(None, ge=1, description="interleaved pipeline stages per rank (pp > 1)")
+    expert_tp: int | None = Field(None, ge=1, description="expert tensor parallel; default 1 with ep > 1, else tp")
+    distributed_optimizer: bool = Field(True, description="shard optimizer state over data-parallel ranks")
+    fp8: Literal["hybrid", "e4m3"] | None = Field(None, description="FP8 training (Transformer Engine, H200/B300)")
+    fp8_recipe: Literal["tensorwise", "delayed", "mxfp8", "blockwise"] = Field(
+        "tensorwise", description="FP8 scaling recipe; mxfp8 on Blackwell (B300)"
+    )
+    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+
+
+# ------------------------------------------------------------------------------------- moe
+class AuxLossCoeffs(Section):
+    """Load-balancing loss coefficients per MoE layer (0 turns one off; they add up)."""
+
+    micro_batch: float = Field(0.0, ge=0, description="switch / GShard loss per micro-batch")
+    sequence: float = Field(0.0, ge=0, description="sequence-level loss per row (DeepSeek-V3, Nemotron 3: 1e-4)")
+    global_batch: float = Field(0.0, ge=0, description="loss over the whole step: all micro-batches and ranks")
+    z: float = Field(0.0, ge=0, description="router z-loss: mean logsumexp(router logits)^2")
+
+    @property
+    def balancing(self) -> dict[str, float]:
+        """The load-balancing terms that are on (the z-loss does not balance)."""
+        return {k: v for k, v in (("micro_batch", self.micro_batch), ("sequence", self.sequence),
+                                  ("global_batch", self.global_batch)) if v > 0}
+
+
+class RouterMonitorSection(Section):
+    """Routing figures per MoE layer and language, logged to metrics.jsonl and TensorBoard."""
+
+    interval: int = Field(10, ge=0, description="steps per record (figures cover all of them); 0: off")
+    active_threshold: float = Field(
+        0.25, gt=0, le=1, description="an expert counts as active at >= this fraction of the ideal load"
+    )
+
+
+RouterFigure = Literal["load_entropy", "router_entropy", "max_share", "active_fraction", "cv"]
+
+
+class CollapseRule(Section):
+    """Alarm when ``metric`` of ``lang`` is past a bound in any MoE layer for ``intervals``
+    monitor records in a row; then warn, stop the run, or raise that layer's aux coefficients."""
+
+    metric: RouterFigure = "load_entropy"
+    lang: Lang | None = Field("he", description="language code; null: all tokens together")
+    below: float | None = Field(None, description="fire when the figure is below this")
+    above: float | None = Field(None, description="fire when the figure is above this")
+    intervals: int = Field(3, gt=0, description="consecutive monitor records past the bound")
+    min_tokens: int | None = Field(
+        None, ge=0, description="ignore records with fewer tokens of lang (default 20 x experts / top-k)"
+    )
+    action: Literal["warn", "stop", "raise_aux"] = "warn"
+    raise_factor: float = Field(2.0, gt=1, description="raise_aux: multiply the layer's balancing coefficients")
+    max_coeff: float | None = Field(None, gt=0, description="raise_aux: upper bound of any coefficient")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CollapseRule:
+        if (self.below is None) == (self.above is None):
+            got = "both" if self.below is not None else "neither"
+            raise FieldProblem((), f"set exactly one of below or above, got {got}")
+        if self.lang is not None and self.lang not in LANG_IDS:
+            raise FieldProblem(("lang",), f"unknown language {self.lang!r}; known: {', '.join(LANG_IDS)} (or null)")
+        if self.action == "raise_aux" and self.max_coeff is None:
+            raise FieldProblem(("max_coeff",), "action raise_aux needs max_coeff, the bound on the raised coefficient")
+        return self
+
+
+class MoESection(Section):
+    """MoE load balancing (aux losses, aux-loss-free expert bias), router monitor and alarms.
+    Ignored for models without MoE layers."""
+
+    aux_loss: AuxLossCoeffs = Field(default_factory=AuxLossCoeffs)
+    bias_rate: float = Field(
+        0.0, ge=0, description="aux-loss-free balancing: expert-bias step per optimizer step (1e-3 typical); 0: off"
+    )
+    monitor: RouterMonitorSection = Field(default_factory=RouterMonitorSection)
+    alarms: list[CollapseRule] = Field(default_factory=list, description="routing-collapse rules")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MoESection:
+        for i, rule in enumerate(self.alarms):
+            if self.monitor.interval == 0:
+                raise FieldProblem(("alarms", i), "alarms need the router monitor; set monitor.interval > 0")
+            if rule.action != "raise_aux":
+                continue
+            on = self.aux_loss.balancing
+            if not on:
+                raise FieldProblem(
+                    ("alarms", i, "action"),
+                    "raise_aux needs a balancing loss to raise: set aux_loss.sequence, global_batch or micro_batch > 0",
+                )
+            top = max(on.values())
+            if rule.max_coeff is not None and rule.max_coeff < top:
+                raise FieldProblem(("alarms", i, "max_coeff"), f"must be >= the largest aux_loss coefficient ({top:g})")
+        return self
+
+
+class BatchSizeSection(Section):
+    """The global batch over the run: ``train.global_batch`` is the start and the LR reference
+    (``train.lr``); on every change the LR becomes lr * scaling(B / B_start), and the schedule
+    stays defined in tokens. The gradient noise scale is measured whenever a step has two or
+    more units (micro-batches on one rank, or ranks) and logged as ``noise/*``."""
+
+    policy: Literal["fixed", "steps", "adaptive"] = "fixed"
+    ramp: str | None = Field(None, description="steps policy: 'TOKENS:BATCH ...' like Megatron, e.g. '0:256 250B:1536'")
+    min: int | None = Field(None, gt=0, description="adaptive: smallest global batch (default train.global_batch)")
+    max: int | None = Field(None, gt=0, description="adaptive: largest global batch")
+    k: float = Field(1.0, gt=0, description="adaptive: target k x B_noise")
+    interval: int = Field(50, gt=0, description="adaptive: steps between batch increases")
+    warmup_updates: int = Field(20, ge=1, description="adaptive: estimator updates before the first decision")
+    ema: float = Field(0.95, ge=0, lt=1, description="EMA factor of the noise-scale estimates")
+    measure_interval: int = Field(1, ge=0, description="steps between noise measurements; 0: never")
+    lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BatchSizeSection:
+        if self.policy == "steps" and not self.ramp:
+            raise FieldProblem(("ramp",), "policy 'steps' needs a ramp like '0:256 250B:1536'")
+        if self.policy == "adaptive" and self.max is None:
+            raise FieldProblem(("max",), "policy 'adaptive' needs max, the largest global batch")
+        if self.policy == "adaptive" and self.measure_interval == 0:
+            raise FieldProblem(("measure_interval",), "policy 'adaptive' needs noise measurements (> 0)")
+        return self
+
+
 # ---------------------------------------------------------------------------------- recipe
 class Recipe(Section):
     """A whole, validated run description. Build it with :func:`hebtron.recipe.load_recipe`."""
@@ -274,8 +449,12 @@ class Recipe(Section):
     train: TrainSection
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     logging: LoggingSection
-    backend: Literal["native"] = "native"
+    backend: Literal["native", "megatron"] = "native"
     parallel: ParallelSection = Field(default_factory=ParallelSection)
+    megatron: MegatronSection = Field(default_factory=MegatronSection)
+    moe: MoESection = Field(default_factory=MoESection)
+    sft: SFTSection | None = Field(None, description="set for supervised fine-tuning on chat data")
+    batch_size: BatchSizeSection = Field(default_factory=BatchSizeSection)
 
     @model_validator(mode="before")
     @classmethod
@@ -294,7 +473,7 @@ class Recipe(Section):
         par, train = self.parallel, self.train
         for degree in ("tp", "ep", "pp", "cp"):
             value = getattr(par, degree)
-            if value > 1:  # native backend; megatron lifts this
+            if value > 1 and self.backend != "megatron":
                 raise FieldProblem(
                     ("parallel", degree),
                     f"parallel.{degree} > 1 needs backend: megatron (backend '{self.backend}' uses dp only), got {value}",
@@ -307,8 +486,57 @@ class Recipe(Section):
             )
         if train.eval_interval > 0 and not self.data.valid:
             raise FieldProblem(("train", "eval_interval"), "periodic evaluation needs data.valid sources")
+        if self.sft is not None:
+            self._check_sft()
+        self._check_batch_size()
         self._check_schedule()
         return self
+
+    def _check_batch_size(self) -> None:
+        from hebtron.train.batch_size import parse_ramp
+
+        section, start = self.batch_size, self.train.global_batch
+        unit = self.train.micro_batch * self.parallel.dp
+        sizes = {"min": section.min, "max": section.max}
+        if section.ramp:
+            try:
+                ramp = parse_ramp(section.ramp)
+            except ValueError as err:
+                raise FieldProblem(("batch_size", "ramp"), str(err)) from None
+            sizes.update({f"ramp size {size}": size for _, size in ramp})
+        for name, size in sizes.items():
+            if size is not None and size % unit:
+                raise FieldProblem(
+                    ("batch_size", name.split()[0]),
+                    f"{name} ({size}) must be a multiple of train.micro_batch x parallel.dp ({unit})",
+                )
+        if section.max is not None and section.max < start:
+            raise FieldProblem(("batch_size", "max"), f"must be >= train.global_batch ({start}), got {section.max}")
+        if section.min is not None and section.min > start:
+            raise FieldProblem(("batch_size", "min"), f"must be <= train.global_batch ({start}), got {section.min}")
+        if section.policy == "adaptive" and self.parallel.dp == 1 and start < 2 * self.train.micro_batch:
+            raise FieldProblem(
+                ("batch_size", "policy"),
+                "adaptive needs two or more micro-batches per step to measure the noise scale "
+                f"(train.global_batch >= 2 x train.micro_batch = {2 * self.train.micro_batch}) or parallel.dp > 1",
+            )
+
+    def _check_sft(self) -> None:
+        data, sft = self.data, self.sft
+        assert sft is not None
+        if data.phases:
+            raise FieldProblem(("data", "phases"), "SFT runs have no data phases; remove data.phases")
+        for what in ("sources", "valid"):
+            for i, source in enumerate(getattr(data, what)):
+                if source.format == "indexed" and safely(indexed_exists, source.path):
+                    raise FieldProblem(
+                        ("data", what, i, "path"),
+                        "an SFT recipe reads chat data (.jsonl / .parquet with 'messages', a save_to_disk "
+                        f"directory, or hebtron data pack output), got the indexed dataset {str(source.path)!r}",
+                    )
+        if data.seq_len % sft.pad_to_multiple_of:
+            raise FieldProblem(("sft", "pad_to_multiple_of"),
+                               f"must divide data.seq_len ({data.seq_len}), got {sft.pad_to_multiple_of}")
 
     def _check_schedule(self) -> None:
         train, total = self.train, self.planned_tokens

@@ -1,4 +1,4 @@
-"""``hebtron train``, ``hebtron export`` and ``hebtron report``."""
+"""``hebtron train``, ``hebtron sft``, ``hebtron export`` and ``hebtron report``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     train.set_defaults(func=_train)
 
+    sft = sub.add_parser("sft", help="supervised fine-tuning on packed chat data (a recipe with an sft section)")
+    sft.add_argument("recipe", type=Path, help="recipe YAML with an sft: section")
+    sft.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    sft.add_argument(
+        "--resume", default="none", metavar="auto|none|CKPT",
+        help="auto: continue from the run's latest checkpoint if any; or a checkpoint directory",
+    )
+    sft.set_defaults(func=_train, sft=True)
+
     export = sub.add_parser("export", help="write a checkpoint as a Hugging Face NemotronH directory")
     export.add_argument("checkpoint", type=Path, help="a checkpoint (step_N) or a checkpoints directory (uses latest)")
     export.add_argument("--hf", type=Path, required=True, metavar="OUT", help="output directory")
@@ -27,13 +36,47 @@ def register(sub: argparse._SubParsersAction) -> None:
     report.set_defaults(func=_report)
 
 
+# EX_TEMPFAIL: stopped on SIGUSR1/SIGTERM with a checkpoint saved; run again with --resume auto.
+# The Slurm job script (slurm/train.sbatch.j2) requeues the job on it.
+STOPPED_EXIT_CODE = 75
+
+
+def _record_stop_signals() -> list[int]:
+    """Until the trainer installs its own handlers, note SIGUSR1/SIGTERM instead of dying:
+    a Slurm signal that lands while torch is still importing must not lose the job's exit code."""
+    import signal
+
+    seen: list[int] = []
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        try:
+            signal.signal(sig, lambda signum, _frame: seen.append(signum))
+        except ValueError:  # not the main thread
+            pass
+    return seen
+
+
 def _train(args: argparse.Namespace) -> int:
+    early_signals = _record_stop_signals()
     from hebtron.recipe import load_recipe
     from hebtron.train.guards import TrainingAborted
-    from hebtron.train.loop import Trainer
+    from hebtron.train.loop import make_trainer
 
     recipe = load_recipe(args.recipe, args.overrides)
-    trainer = Trainer(recipe, resume=args.resume)
+    if getattr(args, "sft", False) and recipe.sft is None:
+        from hebtron.errors import UserError
+
+        raise UserError(f"{args.recipe}: sft: missing; an SFT recipe needs an sft: section (sft: {{}} for defaults)")
+    if early_signals:
+        print(f"signal {early_signals[0]} before training started: stopping (nothing new to save)", flush=True)
+        return STOPPED_EXIT_CODE
+    trainer = make_trainer(recipe, resume=args.resume)
+    if trainer.backend.is_main and recipe.sft is not None:
+        for line in sft_report_lines(trainer):
+            print(line, flush=True)
+    if early_signals:
+        print(f"signal {early_signals[0]} before training started: stopping (nothing new to save)", flush=True)
+        trainer.close()
+        return STOPPED_EXIT_CODE
     try:
         result = trainer.run()
     except TrainingAborted as err:
@@ -46,7 +89,20 @@ def _train(args: argparse.Namespace) -> int:
             f"done: {result.steps} steps, {result.tokens:,} tokens in {result.wall_s:.1f} s "
             f"({result.tokens_per_s:,.0f} tokens/s); checkpoint {result.final_checkpoint}"
         )
+    if result.stopped_by_signal and not trainer.done:
+        if trainer.backend.is_main:
+            print(f"stopped by a signal at step {result.steps}; continue with --resume auto", flush=True)
+        return STOPPED_EXIT_CODE
     return 0
+
+
+def sft_report_lines(trainer) -> list[str]:
+    """The packing report of an SFT trainer's training and validation data."""
+    lines = ["packing (best-fit decreasing):", *("  " + x for x in trainer.data.report_lines())]
+    for batches in trainer.valid.values():
+        if batches.report is not None:
+            lines += ["  " + x for x in batches.report.lines()]
+    return lines
 
 
 def _export(args: argparse.Namespace) -> int:

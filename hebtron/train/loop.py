@@ -28,9 +28,12 @@ from hebtron.model.config import describe
 from hebtron.model.hf import hf_tensors_from_state, load_hf_state_dict
 from hebtron.recipe import Recipe, dump_recipe
 from hebtron.train.checkpoint import capture_rng, find_latest, load_checkpoint, restore_rng, save_checkpoint
-from hebtron.train.guards import EarlyKillGuard, NanGuard
+from hebtron.train.guards import EarlyKillGuard, NanGuard, TrainingAborted
 from hebtron.train.loss import token_loss_sum
 from hebtron.train.metrics import MetricsWriter, Progress
+from hebtron.train.batch_size import BatchSizePolicy, NoiseScaleEstimator, parse_ramp
+from hebtron.train.moe_step import MoEStep
+from hebtron.train.noise_probe import GradientNoiseProbe
 from hebtron.train.optim import build_adamw, clip_grad_norm
 from hebtron.train.schedule import TokenSchedule, set_lr
 from hebtron.train.setup import build_model, build_train_data, build_valid_data, load_tokenizer
@@ -52,8 +55,9 @@ class RunResult:
 
 
 def split_rows(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
-    """Rows ``start:stop`` of every per-token field (``cu_seqlens`` is rebuilt by consumers)."""
-    return {k: v[start:stop] for k, v in batch.items() if k != "cu_seqlens"}
+    """Rows ``start:stop`` of every per-token field (``cu_seqlens`` / ``max_seqlen`` describe the
+    whole batch and are rebuilt by consumers)."""
+    return {k: v[start:stop] for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")}
 
 
 def accumulate_gradients(
@@ -62,17 +66,32 @@ def accumulate_gradients(
     global_loss_tokens: int,
     backend: NativeBackend,
     precision: str = "fp32",
+    moe: MoEStep | None = None,
+    noise: GradientNoiseProbe | None = None,
 ) -> torch.Tensor:
-    """Backward over the micro-batches; returns this rank's summed loss (fp64, detached)."""
+    """Backward over the micro-batches; returns this rank's summed loss (fp64, detached).
+    ``moe`` adds the MoE aux losses (already globally normalized) and gathers routing figures;
+    ``noise`` reads the small-batch gradient norms for the noise-scale estimator."""
     total = torch.zeros((), dtype=torch.float64)
     scale = backend.loss_scale / max(global_loss_tokens, 1)
+    if moe is not None:
+        moe.begin(micro_batches)
     for i, micro in enumerate(micro_batches):
         micro = {k: v.to(backend.device) for k, v in micro.items()}
         with backend.autocast(precision):
-            logits = model(**{k: micro[k] for k in MODEL_INPUTS if k in micro}).logits
+            output = model(**{k: micro[k] for k in MODEL_INPUTS if k in micro})
+        logits = output.logits
         loss_sum = token_loss_sum(logits, micro["labels"], micro["loss_mask"])
+        loss = loss_sum * scale
+        aux = moe.micro_batch_loss(output.routers, micro) if moe is not None else None
+        if aux is not None:
+            loss = loss + aux * backend.loss_scale
+        if noise is not None:
+            noise.before_backward(i, len(micro_batches))
         with backend.gradient_sync(model, enabled=i == len(micro_batches) - 1):
-            (loss_sum * scale).backward()
+            loss.backward()
+        if noise is not None:
+            noise.after_backward(i, len(micro_batches), float(micro["loss_mask"].double().sum()))
         total += loss_sum.detach().double().cpu()
     return total
 
@@ -103,10 +122,16 @@ class Trainer:
         self.nan_guard = NanGuard(train.nan_guard_max_skips)
         kill = train.early_kill
         self.early_kill = EarlyKillGuard(kill.window_steps, kill.margin, kill.ema) if kill.enabled else None
+        self.moe = MoEStep(recipe.moe, self.model, self.backend, getattr(self.data, "pad_id", self.config.pad_token_id))
+        if self.moe.note():
+            self._say(self.moe.note())
+        self.batch_policy, self.noise = _batch_size_control(recipe)
+        self.noise_probe = GradientNoiseProbe(self.model, self.backend)
         self.run_dir = Path(recipe.logging.run_dir)
         self.ckpt_dir = Path(recipe.checkpoint.dir)
         self.step = 0
         self.tokens = 0
+        self._tokens_per_sequence = 0.0
         self.val_loss_start: dict[str, float] = {}
         self._stop_signal: int | None = None
         resumed_from = self._resolve_resume(resume)
@@ -144,7 +169,7 @@ class Trainer:
         last_ckpt: Path | None = None
         val_end: dict[str, float] = {}
         try:
-            while not self.done and self._stop_signal is None:
+            while not self.done and not self._stop_requested():
                 record = self.train_step()
                 due_eval = train.eval_interval and self.step % train.eval_interval == 0
                 if self.valid and (due_eval or self.done):
@@ -176,22 +201,34 @@ class Trainer:
         """One optimizer step; returns its metrics record."""
         recipe, train = self.recipe, self.recipe.train
         t0 = time.perf_counter()
-        step_tokens = train.global_batch * recipe.data.seq_len
+        global_batch = self.batch_policy.decide(self.step, self.tokens, self._noise_in_sequences(), self.noise.updates)
+        self.schedule.lr_scale = self.batch_policy.lr_scale()
+        step_tokens = global_batch * recipe.data.seq_len
         lr = self.schedule.lr(self.tokens + step_tokens)
         set_lr(self.optimizer, lr)
         phase = self.data.phase_name
-        batch = self.data.next_batch(train.global_batch)
-        loss_tokens = int(batch["loss_mask"].sum())
-        per_rank = train.global_batch // self.backend.world_size
+        batch = self.data.next_batch(global_batch)
+        loss_tokens = float(batch["loss_mask"].double().sum())  # float weights: SFT per-sample averaging
+        per_rank = global_batch // self.backend.world_size
         first = self.backend.rank * per_rank
         micro_batches = [
             split_rows(batch, s, s + train.micro_batch) for s in range(first, first + per_rank, train.micro_batch)
         ]
         self.model.train()
-        loss_sum = accumulate_gradients(self.model, micro_batches, loss_tokens, self.backend, train.precision)
+        interval = recipe.batch_size.measure_interval
+        self.noise_probe.begin_step(bool(interval) and self.step % interval == 0
+                                    and self.noise_probe.usable(len(micro_batches)))
+        loss_sum = accumulate_gradients(
+            self.model, micro_batches, loss_tokens, self.backend, train.precision, moe=self.moe,
+            noise=self.noise_probe,
+        )
         loss = float(self.backend.all_reduce_sum(loss_sum.to(self.backend.device)).item()) / max(loss_tokens, 1)
         grad_norm = clip_grad_norm(self.model.parameters(), train.grad_clip if train.grad_clip > 0 else math.inf)
         skipped = self.nan_guard.check(loss, grad_norm, self.step + 1)
+        measured = self.noise_probe.measurement(loss_tokens, grad_norm) if not skipped else None
+        if measured is not None:
+            self.noise.update(measured.g_small_sq, measured.g_big_sq, measured.b_small, measured.b_big)
+        self._tokens_per_sequence = loss_tokens / global_batch
         if not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -199,8 +236,9 @@ class Trainer:
         self.tokens += step_tokens
         if self.early_kill is not None:
             self.early_kill.update(self.step, loss)
+        moe_record = self.moe.finish_step(self.step, skipped)  # expert bias, router figures, alarms
         elapsed = time.perf_counter() - t0
-        return {
+        record = {
             "step": self.step,
             "tokens": self.tokens,
             "loss": loss,
@@ -210,7 +248,27 @@ class Trainer:
             "loss_tokens": loss_tokens,
             "skipped_steps": self.nan_guard.total,
             "phase": phase,
+            "global_batch": global_batch,
+            "lr_scale": self.schedule.lr_scale,
         }
+        if self.noise.updates:
+            record.update({"noise/b_simple_tokens": self.noise.b_simple, "noise/b_simple_seqs": self._noise_in_sequences(),
+                           "noise/g2": self.noise.g2, "noise/trace": self.noise.trace})
+        record.update(moe_record)
+        self._moe_alarms(record)
+        return record
+
+    def _noise_in_sequences(self) -> float:
+        """The critical batch estimate in sequences (the estimator works in loss tokens)."""
+        return self.noise.b_simple / self._tokens_per_sequence if self._tokens_per_sequence else math.nan
+
+    def _moe_alarms(self, record: dict[str, Any]) -> None:
+        """Print routing-collapse alarms; a ``stop`` alarm logs this step's record, then aborts."""
+        for message in self.moe.messages:
+            self._say(message)
+        if self.moe.stop_message is not None:
+            self.metrics.log(record)
+            raise TrainingAborted(self.moe.stop_message)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -232,6 +290,7 @@ class Trainer:
     def save(self) -> Path | None:
         model_state = self.backend.model_state(self.model)
         optim_state = self.backend.optimizer_state(self.model, self.optimizer)
+        moe_state = self.moe.state_dict()  # collective: every rank
         path = None
         if self.backend.is_main:
             hf_tensors = dict(hf_tensors_from_state(model_state))
@@ -241,6 +300,10 @@ class Trainer:
                 "schedule": self.schedule.state_dict(),
                 "nan_guard": self.nan_guard.state_dict(),
                 "early_kill": self.early_kill.state_dict() if self.early_kill else None,
+                "moe": moe_state,
+                "batch_size": self.batch_policy.state_dict(),
+                "noise": self.noise.state_dict(),
+                "tokens_per_sequence": self._tokens_per_sequence,
                 "val_loss_start": self.val_loss_start,
                 "rng": capture_rng(),
                 "tokenizer": str(self.recipe.tokenizer.path),
@@ -278,6 +341,11 @@ class Trainer:
         if self.early_kill is not None and extra.get("early_kill"):
             self.early_kill.load_state_dict(extra["early_kill"])
         self.val_loss_start = dict(extra.get("val_loss_start") or {})
+        self.moe.load_state_dict(extra.get("moe") or {})
+        if extra.get("batch_size"):
+            self.batch_policy.load_state_dict(extra["batch_size"])
+            self.noise.load_state_dict(extra["noise"])
+            self._tokens_per_sequence = float(extra["tokens_per_sequence"])
         restore_rng(extra["rng"])
 
     # ------------------------------------------------------------------ helpers
@@ -293,12 +361,38 @@ class Trainer:
             except ValueError:  # not the main thread (e.g. inside a test runner thread)
                 pass
 
+    def _stop_requested(self) -> bool:
+        """A stop signal on any rank stops every rank after the same step (one tiny all-reduce
+        per step when distributed), so that all of them reach the checkpoint's collectives."""
+        if self.backend.distributed:
+            flag = torch.tensor([0.0 if self._stop_signal is None else 1.0], device=self.backend.device)
+            if float(self.backend.all_reduce_sum(flag).item()) > 0 and self._stop_signal is None:
+                self._stop_signal = 0  # another rank's signal
+        return self._stop_signal is not None
+
     def _say(self, text: str) -> None:
         if self.backend.is_main:
             print(text, flush=True)
 
     def close(self) -> None:
         self.backend.close()
+
+
+def _batch_size_control(recipe: Recipe) -> tuple[BatchSizePolicy, NoiseScaleEstimator]:
+    section, train = recipe.batch_size, recipe.train
+    policy = BatchSizePolicy(
+        section.policy,
+        start=train.global_batch,
+        granularity=train.micro_batch * recipe.parallel.dp,
+        minimum=section.min,
+        maximum=section.max or max([train.global_batch] + [b for _, b in parse_ramp(section.ramp or "0:1")]),
+        ramp=parse_ramp(section.ramp) if section.ramp else [],
+        k=section.k,
+        interval=section.interval,
+        warmup_updates=section.warmup_updates,
+        rule=section.lr_scaling,
+    )
+    return policy, NoiseScaleEstimator(section.ema)
 
 
 def _fmt_losses(losses: dict[str, float]) -> str:
@@ -310,3 +404,12 @@ def _fmt_record(record: dict[str, Any]) -> str:
         f"step {record['step']} | tokens {record['tokens']:,} | loss {record['loss']:.4f} | "
         f"lr {record['lr']:.2e} | grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s"
     )
+
+
+def make_trainer(recipe: Recipe, resume: str | None = None) -> Trainer:
+    """The trainer for the recipe's backend: this loop with the native model, or with Megatron-Core."""
+    if recipe.backend == "megatron":
+        from hebtron.backends.megatron.trainer import MegatronTrainer
+
+        return MegatronTrainer(recipe, resume)
+    return Trainer(recipe, resume)

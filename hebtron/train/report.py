@@ -9,6 +9,7 @@ canvas, no pyplot): no GUI backend, no global state, safe on headless nodes and 
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from hebtron.train.metrics import read_metrics
 PlotFn = Callable[[list[dict[str, Any]], Path], Figure | None]
 PLOTS: dict[str, PlotFn] = {}
 REPORT_DIR = "report"
+# Modules that register plots of their own; imported by write_report (like cli.COMMAND_MODULES).
+PLOT_MODULES: list[str] = ["hebtron.monitor.plots"]
 
 
 def register_plot(name: str) -> Callable[[PlotFn], PlotFn]:
@@ -35,6 +38,8 @@ def register_plot(name: str) -> Callable[[PlotFn], PlotFn]:
 def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                  only: list[str] | None = None) -> list[Path]:
     """Render every registered plot (or those in ``only``) and return the PNG paths written."""
+    for module in PLOT_MODULES:
+        importlib.import_module(module)
     run = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run / REPORT_DIR
     records = read_metrics(run)

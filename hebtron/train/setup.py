@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -13,16 +15,39 @@ from hebtron.model import HybridConfig, HybridModel
 from hebtron.model.hf import load_hf
 from hebtron.recipe import Recipe
 
+if TYPE_CHECKING:
+    from hebtron.data.sft import SFTBatches, SFTValidationBatches
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     """A local tokenizer directory (or the directory of a tokenizer.json); never remote code."""
     directory = path.parent if path.is_file() else path
+    directory = _checkpoint_tokenizer(directory) or directory
     try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: cannot load tokenizer ({str(err).splitlines()[0]})") from None
+
+
+def _checkpoint_tokenizer(directory: Path) -> Path | None:
+    """A hebtron checkpoint (or checkpoints directory) holds no tokenizer files but names the
+    tokenizer it was trained with in trainer_state.json, so SFT can start from it directly."""
+    if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
+        return None
+    if (directory / "latest").is_file():
+        from hebtron.train.checkpoint import find_latest
+
+        directory = find_latest(directory) or directory
+    state = directory / "trainer_state.json"
+    if not state.is_file():
+        return None
+    try:
+        named = json.loads(state.read_text(encoding="utf-8")).get("extra", {}).get("tokenizer")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(named) if isinstance(named, str) and named else None
 
 
 def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> HybridModel:
@@ -58,7 +83,11 @@ def _indexed_prefix(source, what: str) -> str:
     return str(source.path)
 
 
-def build_train_data(recipe: Recipe) -> CPTBatches:
+def build_train_data(recipe: Recipe) -> CPTBatches | SFTBatches:
+    if recipe.sft is not None:  # packed chat data
+        from hebtron.data.sft import build_sft_train_data
+
+        return build_sft_train_data(recipe)
     data = recipe.data
     sources = [Source(_indexed_prefix(s, "data.sources"), s.weight, s.name) for s in data.sources]
     phases = [Phase(p.name, p.tokens, data.phase_weights(p)) for p in data.phases]
@@ -67,7 +96,11 @@ def build_train_data(recipe: Recipe) -> CPTBatches:
     return CPTBatches(sources, data.seq_len, seed=recipe.train.seed, phases=phases or None)
 
 
-def build_valid_data(recipe: Recipe) -> dict[str, ValidationBatches]:
+def build_valid_data(recipe: Recipe) -> dict[str, ValidationBatches] | dict[str, SFTValidationBatches]:
+    if recipe.sft is not None:
+        from hebtron.data.sft import build_sft_valid_data
+
+        return build_sft_valid_data(recipe)
     data = recipe.data
     return {
         s.name: ValidationBatches(

@@ -1,0 +1,96 @@
+"""Training checkpoints of the Megatron backend, in hebtron's run layout.
+
+    latest                         names the newest complete step (as for the native backend)
+    step_00001000/
+        megatron/                  Megatron distributed checkpoint: model + optimizer, every rank's
+                                   shards; reloads at any tp / ep / pp / dp
+        config.json                the model's HF config (``hebtron convert megatron-to-hf`` needs it)
+        hebtron_config.json        the same, where ``checkpoint_io`` looks for it
+        trainer_state.json         {"format", "step", "extra": {tokens, data, schedule, guards, rng, ...}}
+        COMPLETE                   manifest of every file (relative paths and sizes), written last
+
+Every rank writes its shards into ``step_N.tmp-<pid of rank 0>``; rank 0 then writes the state
+and the manifest and renames the directory into place, and only then moves ``latest``. A crash
+at any point leaves the previous checkpoint as the newest complete one
+(:func:`hebtron.train.checkpoint.find_latest` checks the manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from hebtron.errors import CheckpointError
+from hebtron.train.checkpoint import (
+    COMPLETE_FILE,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    STATE_FILE,
+    checkpoint_name,
+    checkpoint_problem,
+    prune_checkpoints,
+)
+
+MEGATRON_DIR = "megatron"
+
+
+def save(engine: Any, root: str | Path, step: int, extra: dict[str, Any], config_json: str,
+         keep_last: int | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final directory."""
+    root = Path(root)
+    name = checkpoint_name(step)
+    pid = [os.getpid()]
+    dist.broadcast_object_list(pid, src=0)
+    tmp = root / f"{name}.tmp-{pid[0]}"
+    if engine.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(tmp / MEGATRON_DIR)
+    final = root / name
+    if engine.rank == 0:
+        state = {"format": FORMAT_VERSION, "step": step, "extra": extra}
+        (tmp / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+        (tmp / "config.json").write_text(config_json, encoding="utf-8")
+        (tmp / "hebtron_config.json").write_text(config_json, encoding="utf-8")
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / COMPLETE_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}),
+                                         encoding="utf-8")
+        if final.exists():
+            trash = root / f"{name}.trash-{pid[0]}"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        pointer = root / f"{LATEST_FILE}.tmp-{pid[0]}"
+        pointer.write_text(name + "\n", encoding="utf-8")
+        os.replace(pointer, root / LATEST_FILE)
+        if keep_last:
+            prune_checkpoints(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def load(engine: Any, path: str | Path, with_optimizer: bool = True) -> dict[str, Any]:
+    """Collective. Loads weights (and optimizer state) into ``engine``; returns ``extra`` with ``step``."""
+    path = Path(path)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(problem)
+    if not (path / MEGATRON_DIR).is_dir():
+        raise CheckpointError(f"{path}: not a Megatron-backend checkpoint (no {MEGATRON_DIR}/); "
+                              "start from it with model.hf_path instead of --resume")
+    engine.load_checkpoint(path / MEGATRON_DIR, with_optimizer=with_optimizer)
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        extra = dict(state["extra"])
+        extra["step"] = int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / STATE_FILE}: unreadable trainer state ({exc})") from exc
+    return extra

@@ -1,0 +1,418 @@
+"""Megatron-Core layer specs for the hybrid stack: Transformer Engine on GPU, hebtron's own on CPU.
+
+Megatron's local (non-TE) modules cannot run Nemotron-H on CPU: its Mamba mixer needs the
+mamba-ssm CUDA kernels, and its local attention refuses packed sequences. The local spec below
+swaps in three hebtron modules and keeps Megatron's everything else (parallel linears, MoE
+layer, router, token dispatcher, experts, bias-dropout-add):
+
+- :class:`LocalMambaMixer` - Megatron's MambaMixer parameters and checkpoint layout, computed
+  with ``hebtron.kernels`` (causal conv1d and chunked SSD scan that restart at every document
+  start, ``seq_idx`` derived from ``cu_seqlens``), plus Nemotron-H's dt clamp;
+- :class:`PackedCoreAttention` - causal attention that honours ``packed_seq_params``
+  (documents never see each other);
+- :class:`LocalRMSNorm` - fp32 RMSNorm that supports sequence parallelism.
+
+Packed batches use Megatron's THD convention: one row of ``b * T`` tokens with ``cu_seqlens``
+at every document start (see :mod:`hebtron.backends.megatron.batches`). Sharded-checkpoint keys
+are mapped onto the TE spec's names, so distributed checkpoints move between a CPU preflight
+and a GPU run.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hebtron.kernels.causal_conv1d import causal_conv1d
+from hebtron.kernels.ssd import ssd_chunk_scan
+from hebtron.model.config import HybridConfig
+
+
+def te_available() -> bool:
+    """Transformer Engine importable and a GPU present (the production spec)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401  # type: ignore[import-not-found]
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- helpers
+def seq_idx_from_packed(packed_seq_params: Any, total_tokens: int, device: torch.device) -> torch.Tensor | None:
+    """(1, total_tokens) document index from ``cu_seqlens_q`` (THD layout), or None."""
+    if packed_seq_params is None:
+        return None
+    cu = packed_seq_params.cu_seqlens_q_padded
+    if cu is None:
+        cu = packed_seq_params.cu_seqlens_q
+    positions = torch.arange(total_tokens, device=device)
+    return (torch.searchsorted(cu.to(device)[1:-1].contiguous(), positions, right=True)).unsqueeze(0)
+
+
+def _megatron():
+    """Megatron imports in one place (deferred: importing hebtron must not need megatron)."""
+    from megatron.core.ssm.mamba_mixer import MambaMixer
+    from megatron.core.transformer.module import MegatronModule
+
+    return MambaMixer, MegatronModule
+
+
+class LocalRMSNorm(nn.Module):
+    """RMSNorm in fp32 (Nemotron-H numerics). Under sequence parallelism its weight is marked so
+    Megatron all-reduces its gradient across tensor-parallel ranks."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.eps = eps
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+class LocalGatedRMSNorm(nn.Module):
+    """``norm(y * silu(z))`` per channel group; weight sharded along channels with tensor parallelism."""
+
+    def __init__(self, size: int, group_size: int, eps: float, dtype: torch.dtype, tp_group: Any) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
+        self.group_size = group_size
+        self.eps = eps
+        self.tp_group = tp_group
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        dtype = y.dtype
+        yf = y.float() * F.silu(z.float())
+        grouped = yf.view(*yf.shape[:-1], -1, self.group_size)
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * grouped.view_as(yf).to(dtype)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0}, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+        )
+
+
+@functools.cache
+def _mixer_class() -> type:
+    MambaMixer, MegatronModule = _megatron()
+
+    class LocalMambaMixer(MambaMixer):
+        """Megatron's Mamba2 mixer layout computed with hebtron's seq_idx-aware kernels.
+
+        Subclasses :class:`MambaMixer` only to inherit its sharded-checkpoint layout (in_proj split
+        into z/x/B/C/dt, conv1d into x/B/C), so checkpoints equal those of the TE/mamba-ssm mixer.
+        """
+
+        def __init__(
+            self,
+            config: Any,
+            submodules: Any,
+            d_model: int,
+            d_conv: int = 4,
+            chunk_size: int = 128,
+            dt_min: float = 0.001,
+            dt_max: float = 0.1,
+            dt_init_floor: float = 1e-4,
+            dt_clamp_min: float = 0.0,
+            conv_bias: bool = True,
+            layer_number: int | None = None,
+            pg_collection: Any = None,
+            pp_layer_offset: int = 0,
+            **_: Any,
+        ) -> None:
+            from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+            from megatron.core.transformer.spec_utils import build_module
+
+            MegatronModule.__init__(self, config)
+            self.config = config
+            self.d_model = d_model
+            self.d_conv = d_conv
+            self.chunk_size = chunk_size
+            self.layer_number = layer_number
+            self.pp_layer_offset = pp_layer_offset
+            self.pg_collection = pg_collection
+            self.tp_group = pg_collection.tp
+            self.D_has_hdim = False
+            self.rmsnorm = True
+            self.norm_before_gate = False
+            self.d_state = config.mamba_state_dim
+            self.headdim = config.mamba_head_dim
+            self.ngroups = config.mamba_num_groups
+            self.nheads = config.mamba_num_heads
+            self.d_inner = self.nheads * self.headdim
+            tp = self.tp_group.size()
+            self.nheads_local_tp = self.nheads // tp
+            self.d_inner_local_tp = self.d_inner // tp
+            self.ngroups_local_tp = self.ngroups // tp
+            self.dt_limit = (dt_clamp_min, math.inf)
+            self.in_proj = build_module(
+                submodules.in_proj,
+                d_model,
+                self.d_inner * 2 + 2 * self.ngroups * self.d_state + self.nheads,  # z x B C dt
+                config=config,
+                init_method=config.init_method,
+                gather_output=False,
+                bias=False,
+                skip_bias_add=False,
+                is_expert=False,
+                tp_comm_buffer_name="fc1",
+                tp_group=self.tp_group,
+            )
+            conv_dim = self.d_inner_local_tp + 2 * self.ngroups_local_tp * self.d_state
+            self.conv1d = nn.Conv1d(
+                conv_dim, conv_dim, kernel_size=d_conv, groups=conv_dim, padding=d_conv - 1,
+                bias=conv_bias, dtype=config.params_dtype,
+            )
+            heads = self.nheads_local_tp
+            first_head = self.tp_group.rank() * heads
+            dt = torch.exp(torch.rand(heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=dt_init_floor)
+            self.dt_bias = nn.Parameter((dt + torch.log(-torch.expm1(-dt))).to(config.params_dtype))
+            # Nemotron-H initialization: A = 1..heads (S4D-real); fp32 like Megatron's.
+            self.A_log = nn.Parameter(torch.log(torch.arange(first_head + 1, first_head + heads + 1, dtype=torch.float32)))
+            self.D = nn.Parameter(torch.ones(heads))
+            self.norm = LocalGatedRMSNorm(
+                self.d_inner_local_tp, self.d_inner_local_tp // self.ngroups_local_tp, config.layernorm_epsilon,
+                config.params_dtype, self.tp_group,
+            )
+            for param in (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D, self.norm.weight):
+                if param is not None:
+                    set_tensor_model_parallel_attributes(param, True, 0, 1)
+            self.out_proj = build_module(
+                submodules.out_proj,
+                self.d_inner,
+                d_model,
+                config=config,
+                init_method=config.output_layer_init_method,
+                bias=False,
+                input_is_parallel=True,
+                skip_bias_add=True,
+                is_expert=False,
+                tp_comm_buffer_name="fc2",
+                tp_group=self.tp_group,
+            )
+
+        def forward(self, hidden_states, inference_context=None, *, inference_params=None, packed_seq_params=None):
+            """hidden_states (s, b, h) -> (out, bias); packed rows restart conv and scan per document."""
+            if inference_context is not None or inference_params is not None:
+                raise NotImplementedError("the CPU Mamba mixer is for training and evaluation, not generation")
+            zxbcdt, _ = self.in_proj(hidden_states)
+            seqlen, batch, _ = zxbcdt.shape
+            zxbcdt = zxbcdt.transpose(0, 1)
+            groups_state = self.ngroups_local_tp * self.d_state
+            z, xbc, dt = zxbcdt.split([self.d_inner_local_tp, self.d_inner_local_tp + 2 * groups_state, self.nheads_local_tp], dim=-1)
+            seq_idx = seq_idx_from_packed(packed_seq_params, seqlen, zxbcdt.device)
+            if seq_idx is not None and batch != 1:
+                raise ValueError("packed sequences use the THD layout: one row per micro-batch")
+            xbc = causal_conv1d(
+                xbc.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx, activation="silu"
+            ).transpose(1, 2)
+            x, B, C = xbc.split([self.d_inner_local_tp, groups_state, groups_state], dim=-1)
+            y = ssd_chunk_scan(
+                x.reshape(batch, seqlen, self.nheads_local_tp, self.headdim),
+                dt,
+                -torch.exp(self.A_log.float()),
+                B.reshape(batch, seqlen, self.ngroups_local_tp, self.d_state),
+                C.reshape(batch, seqlen, self.ngroups_local_tp, self.d_state),
+                self.chunk_size,
+                D=self.D,
+                dt_bias=self.dt_bias,
+                dt_softplus=True,
+                dt_limit=self.dt_limit,
+                seq_idx=seq_idx,
+            )
+            y = self.norm(y.reshape(batch, seqlen, self.d_inner_local_tp), z)
+            return self.out_proj(y.transpose(0, 1).contiguous().to(hidden_states.dtype))
+
+    return LocalMambaMixer
+
+
+@functools.cache
+def _attention_class() -> type:
+    _, MegatronModule = _megatron()
+
+    class PackedCoreAttention(MegatronModule):
+        """Causal GQA core attention via ``scaled_dot_product_attention``; packed THD input gets a
+        per-document causal mask from ``cu_seqlens``."""
+
+        def __init__(self, config: Any, layer_number: int, attn_mask_type: Any, attention_type: str,
+                     attention_dropout: float | None = None, softmax_scale: float | None = None,
+                     cp_comm_type: str | None = None, pg_collection: Any = None) -> None:
+            super().__init__(config=config)
+            if config.context_parallel_size != 1:
+                raise ValueError("context parallelism needs Transformer Engine attention (GPU)")
+            tp = pg_collection.tp.size() if pg_collection is not None else 1
+            self.heads = config.num_attention_heads // tp
+            self.softmax_scale = softmax_scale
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            if attention_bias is not None:
+                raise ValueError("attention bias is not supported")
+            if packed_seq_params is not None:  # THD: (t, heads, d)
+                t = query.shape[0]
+                seq_idx = seq_idx_from_packed(packed_seq_params, t, query.device)[0]
+                mask = torch.ones(t, t, dtype=torch.bool, device=query.device).tril()
+                mask &= seq_idx[:, None] == seq_idx[None, :]
+                q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))  # (1, h, t, d)
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1]
+                )
+                return out[0].transpose(0, 1).reshape(t, -1)
+            s, b = query.shape[:2]  # SBHD: (s, b, heads, d)
+            q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1]
+            )
+            return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+    return PackedCoreAttention
+
+
+def _stack_classes() -> tuple[type, type, str]:
+    """(stack class, submodules dataclass, name of the layer-pattern argument) for this megatron-core."""
+    try:  # megatron-core >= 0.18
+        from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+
+        return HybridStack, HybridStackSubmodules, "hybrid_layer_pattern"
+    except ImportError:
+        from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
+
+        return MambaStack, MambaStackSubmodules, "hybrid_override_pattern"
+
+
+@functools.cache
+def _local_stack_class() -> type:
+    stack_cls, _, _ = _stack_classes()
+
+    class LocalHybridStack(stack_cls):
+        """The hybrid stack with hebtron's final RMSNorm (the stock one hard-codes Transformer Engine's)."""
+
+        def __init__(self, config: Any, submodules: Any, *args: Any, **kwargs: Any) -> None:
+            wants_norm = kwargs.pop("post_layer_norm", True)
+            super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
+            self.post_layer_norm = wants_norm
+            if self.post_process and wants_norm:
+                self.final_norm = LocalRMSNorm(config, config.hidden_size, config.layernorm_epsilon)
+
+    return LocalHybridStack
+
+
+def mixer_params(cfg: HybridConfig) -> dict[str, Any]:
+    """Mamba mixer arguments that are not TransformerConfig fields."""
+    return {
+        "d_conv": cfg.conv_kernel,
+        "chunk_size": cfg.chunk_size,
+        "dt_min": cfg.time_step_min,
+        "dt_max": cfg.time_step_max,
+        "dt_init_floor": cfg.time_step_floor,
+        "conv_bias": cfg.use_conv_bias,
+    }
+
+
+def local_stack_spec(cfg: HybridConfig, num_experts: int | None):
+    """The CPU spec: Megatron parallel linears and MoE, hebtron mixer / attention / norms."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+    from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
+    from megatron.core.ssm.mlp_layer import MLPLayer
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    try:
+        from megatron.core.transformer.transformer_layer import MoETransformerLayer as MoELayerCls
+    except ImportError:  # older megatron-core
+        MoELayerCls = TransformerLayer
+    _, submodules_cls, _ = _stack_classes()
+    params = mixer_params(cfg)
+    params["dt_clamp_min"] = cfg.time_step_min  # Nemotron-H clamps dt from below (HF and hebtron)
+    mamba = ModuleSpec(
+        module=MambaLayer,
+        submodules=MambaLayerSubmodules(
+            norm=LocalRMSNorm,
+            mixer=ModuleSpec(
+                module=_mixer_class(),
+                params=params,
+                submodules=MambaMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear),
+            ),
+            mamba_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"},
+        ),
+    )
+    attention = ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=LocalRMSNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear, core_attention=_attention_class(), linear_proj=RowParallelLinear
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"},
+        ),
+    )
+    mlp = ModuleSpec(
+        module=MLPLayer,
+        submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=LocalRMSNorm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
+        ),
+    )
+    subs: dict[str, Any] = {"mamba_layer": mamba, "attention_layer": attention, "mlp_layer": mlp}
+    if num_experts:
+        subs["moe_layer"] = ModuleSpec(
+            module=MoELayerCls,
+            submodules=TransformerLayerSubmodules(
+                pre_mlp_layernorm=LocalRMSNorm,
+                mlp=get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False),
+                mlp_bda=get_bias_dropout_add,
+            ),
+        )
+    return ModuleSpec(module=_local_stack_class(), submodules=submodules_cls(**subs))
+
+
+def te_stack_spec(cfg: HybridConfig):
+    """The GPU spec: Megatron's own Transformer Engine hybrid spec (mamba-ssm mixer, fused norms,
+    grouped-GEMM experts), with Nemotron-H's conv / chunk / dt settings passed to the mixer."""
+    import copy
+
+    try:
+        from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec as stock
+    except ImportError:
+        from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec as stock
+    spec = copy.deepcopy(stock)
+    mixer = spec.submodules.mamba_layer.submodules.mixer
+    mixer.params = {**(mixer.params or {}), **mixer_params(cfg)}
+    return spec
+
+
+def stack_spec(cfg: HybridConfig, num_experts: int | None, use_te: bool | None = None):
+    """TE spec where Transformer Engine runs (GPU), hebtron's local spec elsewhere."""
+    if use_te is None:
+        use_te = te_available()
+    return te_stack_spec(cfg) if use_te else local_stack_spec(cfg, num_experts)

@@ -1,0 +1,332 @@
+"""One Megatron-Core training engine: model chunks, DDP, optimizer, forward-backward, checkpoints.
+
+This is what the training loop drives when a recipe says ``backend: megatron``. Everything that
+moves tensors is Megatron's own: ``DistributedDataParallel`` (gradient buffers), the
+(distributed) optimizer with gradient clipping, ``get_forward_backward_func`` (no pipelining,
+1F1B or interleaved, by the parallel state) and ``finalize_model_grads`` (DP / TP / expert
+reductions, expert-bias update, division by the global count of loss tokens, hebtron's loss
+rule). hebtron supplies the batches, the loss over ``loss_mask`` and the learning rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hebtron.backends.megatron import runtime
+from hebtron.backends.megatron.batches import MegatronInputs, to_megatron
+from hebtron.backends.megatron.config_map import MoEBalance, ParallelPlan, Precision, transformer_config
+from hebtron.backends.megatron.convert import gather_from_model, load_into_model
+from hebtron.backends.megatron.model import build_model
+from hebtron.backends.megatron.specs import te_available
+from hebtron.errors import CheckpointError
+from hebtron.model.config import HybridConfig
+
+
+ROW_KEYS = ("input_ids", "labels", "loss_mask", "seq_idx", "position_ids", "lang")  # per-token fields used
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    distributed_optimizer: bool = True
+
+
+@dataclass
+class StepResult:
+    loss_sum: float  # summed over every loss token of the global batch
+    loss_tokens: int
+    grad_norm: float
+    skipped: bool
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.loss_tokens, 1)
+
+
+class MegatronEngine:
+    """Megatron model + optimizer for one HybridConfig on the current process group."""
+
+    def __init__(
+        self,
+        cfg: HybridConfig,
+        plan: ParallelPlan = ParallelPlan(),
+        precision: Precision = Precision(),
+        balance: MoEBalance = MoEBalance(),
+        optim: OptimSettings = OptimSettings(),
+        seed: int = 1234,
+        use_te: bool | None = None,
+        with_optimizer: bool = True,
+    ) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.cfg = cfg
+        self.plan = plan
+        self.optim_settings = optim
+        runtime.init_model_parallel(plan, seed)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.use_te = te_available() if use_te is None else use_te
+        self.config = transformer_config(cfg, plan, precision, balance, te=self.use_te)
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.chunks = self._build_chunks(with_optimizer)
+        self.optimizer = self._build_optimizer() if with_optimizer else None
+
+    # ------------------------------------------------------------------ building
+    def _build_chunks(self, wrap_ddp: bool) -> list[torch.nn.Module]:
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        vpp = self.plan.vpp if self.plan.vpp and self.plan.vpp > 1 else None
+        chunks = []
+        for stage in range(vpp or 1):
+            kwargs = {"vp_stage": stage} if vpp else {}
+            pre = ps.is_pipeline_first_stage(ignore_virtual=False, **kwargs)
+            post = ps.is_pipeline_last_stage(ignore_virtual=False, **kwargs)
+            model = build_model(self.cfg, self.config, pre_process=pre, post_process=post, use_te=self.use_te)
+            model.to(self.device)
+            if self.config.bf16:  # bf16 compute copy; the optimizer keeps fp32 main parameters
+                from megatron.core.transformer.module import Float16Module
+
+                model = Float16Module(self.config, model)
+            chunks.append(model)
+        if not wrap_ddp:
+            return chunks
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=self.optim_settings.distributed_optimizer,
+        )
+        wrapped = [
+            DistributedDataParallel(self.config, ddp_config, chunk, disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)
+        ]
+        for chunk in wrapped:
+            chunk.broadcast_params()
+        return wrapped
+
+    def _build_optimizer(self):
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        o = self.optim_settings
+        config = OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.grad_clip,
+            bf16=self.config.bf16,
+            params_dtype=self.config.params_dtype,
+            use_distributed_optimizer=o.distributed_optimizer,
+        )
+        optimizer = get_megatron_optimizer(config, self.chunks, use_gloo_process_groups=not torch.cuda.is_available())
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.grad_scale_func = optimizer.scale_loss
+        self.config.no_sync_func = [chunk.no_sync for chunk in self.chunks]
+        if len(self.chunks) == 1:
+            self.config.no_sync_func = self.config.no_sync_func[0]
+        return optimizer
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        """The bare Megatron models (no DDP wrapper), one per virtual pipeline stage."""
+        out = []
+        for chunk in self.chunks:
+            while hasattr(chunk, "module"):  # DDP, then Float16Module
+                chunk = chunk.module
+            out.append(chunk)
+        return out
+
+    # ------------------------------------------------------------------ data
+    def rank_rows(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This data-parallel rank's rows of a global batch (tensor/pipeline peers get the same)."""
+        rows = batch["input_ids"].shape[0]
+        per = rows // self.dp_size
+        start = self.dp_rank * per
+        return {k: batch[k][start : start + per] for k in ROW_KEYS if k in batch}
+
+    def micro_inputs(self, rows: Mapping[str, torch.Tensor], micro_batch: int) -> list[MegatronInputs]:
+        """Split this rank's rows into micro-batches in Megatron's layout; all THD if any is packed
+        (pipeline stages exchange tensors of one shape per step)."""
+        total = rows["input_ids"].shape[0]
+        micros = [{k: rows[k][s : s + micro_batch] for k in ROW_KEYS if k in rows} for s in range(0, total, micro_batch)]
+        converted = [to_megatron(m) for m in micros]
+        if any(c.packed for c in converted) and not all(c.packed for c in converted):
+            converted = [to_megatron(m, force_packed=True) for m in micros]
+        return [
+            MegatronInputs(*(t.to(self.device) if torch.is_tensor(t) else t for t in (c.tokens, c.labels, c.loss_mask)),
+                           _params_to(c.packed_seq_params, self.device), c.rows)
+            for c in converted
+        ]
+
+    # ------------------------------------------------------------------ compute
+    def _forward_step(self, data_iterator: Iterator[MegatronInputs], model: torch.nn.Module):
+        inputs = next(data_iterator)
+        labels = inputs.labels.clamp(min=0)  # masked positions may hold -100; their loss is masked out
+        output = model(inputs.tokens, None, None, labels=labels, packed_seq_params=inputs.packed_seq_params)
+        return output, partial(_masked_loss_sum, inputs.loss_mask)
+
+    def forward_backward(self, micros: Sequence[MegatronInputs], forward_only: bool = False) -> tuple[float, int]:
+        """Megatron's schedule over the micro-batches; returns the global (all DP ranks) loss sum and tokens."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        first = micros[0]
+        seq_length, mbs = first.tokens.shape[1], first.tokens.shape[0]
+        iterators: Any = iter(micros)
+        if len(self.chunks) > 1:
+            iterators = [iter(micros) for _ in self.chunks]
+        losses = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iterators,
+            model=self.chunks,
+            num_microbatches=len(micros),
+            seq_length=seq_length,
+            micro_batch_size=mbs,
+            forward_only=forward_only,
+        )
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            for item in losses:
+                totals[0] += item["loss_sum"].double()
+                totals[1] += item["tokens"].double()
+        # last pipeline stage holds the losses; sum over pipeline and data-parallel ranks
+        dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
+        dist.all_reduce(totals, group=ps.get_data_parallel_group())
+        return float(totals[0]), int(totals[1])
+
+    def train_step(self, micros: Sequence[MegatronInputs], lr: float) -> StepResult:
+        assert self.optimizer is not None, "built without an optimizer"
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        for chunk in self.chunks:
+            chunk.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, tokens = self.forward_backward(micros)
+        ok, grad_norm, _ = self.optimizer.step()
+        return StepResult(loss_sum, tokens, float(grad_norm) if grad_norm is not None else float("nan"), not ok)
+
+    @torch.no_grad()
+    def evaluate(self, micros: Sequence[MegatronInputs]) -> tuple[float, int]:
+        for chunk in self.chunks:
+            chunk.eval()
+        return self.forward_backward(micros, forward_only=True)
+
+    @torch.no_grad()
+    def logits(self, inputs: MegatronInputs) -> torch.Tensor:
+        """Full-vocabulary logits (pp=1), gathered across tensor-parallel ranks: (b, T, vocab)."""
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        model = self.modules[0]
+        model.eval()
+        out = model(inputs.tokens, None, None, packed_seq_params=inputs.packed_seq_params)
+        return gather_from_tensor_model_parallel_region(out).float()
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, canon: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor]) -> None:
+        """Fill this rank's shards from whole canonical tensors (see :mod:`.convert`)."""
+        for module in self.modules:
+            load_into_model(module, canon)
+        if self.optimizer is not None:
+            self.optimizer.reload_model_params()
+
+    def gather_weights(self) -> dict[str, torch.Tensor]:
+        """Whole canonical tensors, same on every rank (small models: preflight and tests)."""
+        out: dict[str, torch.Tensor] = {}
+        for module in self.modules:
+            out.update(gather_from_model(module))
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def sharded_state_dict(self, with_optimizer: bool = True, is_loading: bool = False) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        if len(self.chunks) == 1:
+            state["model"] = self.modules[0].sharded_state_dict()
+        else:
+            for i, module in enumerate(self.modules):
+                state[f"model{i}"] = module.sharded_state_dict()
+        if with_optimizer and self.optimizer is not None:
+            # fully reshardable: optimizer state reloads at another tp / ep / pp / dp too
+            state["optimizer"] = self.optimizer.sharded_state_dict(
+                state, is_loading=is_loading,
+                metadata={"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True},
+            )
+        return state
+
+    def save_checkpoint(self, directory: str | Path, with_optimizer: bool = True) -> None:
+        """A Megatron distributed checkpoint: every rank writes its shards; reloads at any tp/ep/pp."""
+        from megatron.core import dist_checkpointing
+
+        directory = Path(directory)
+        if self.rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(self.sharded_state_dict(with_optimizer), str(directory))
+        dist.barrier()
+
+    def load_checkpoint(self, directory: str | Path, with_optimizer: bool = True) -> None:
+        from megatron.core import dist_checkpointing
+
+        directory = Path(directory)
+        if not (directory / "metadata.json").is_file():
+            raise CheckpointError(f"{directory}: not a Megatron distributed checkpoint (no metadata.json)")
+        state = self.sharded_state_dict(with_optimizer, is_loading=True)
+        loaded = dist_checkpointing.load(state, str(directory))
+        if len(self.chunks) == 1:
+            self.modules[0].load_state_dict(loaded["model"], strict=False)
+        else:
+            for i, module in enumerate(self.modules):
+                module.load_state_dict(loaded[f"model{i}"], strict=False)
+        if with_optimizer and self.optimizer is not None and "optimizer" in loaded:
+            try:
+                self.optimizer.load_state_dict(loaded["optimizer"])
+            except (RuntimeError, KeyError, ValueError) as err:
+                raise CheckpointError(
+                    f"{directory}: the optimizer state does not fit this layout ({err}); weights reshard to any "
+                    "tp/ep/pp, optimizer state only while the expert/dense optimizer split is unchanged "
+                    "(ep = 1 vs ep > 1): resume at the saved expert parallelism"
+                ) from None
+        elif self.optimizer is not None:
+            self.optimizer.reload_model_params()
+
+    def close(self) -> None:
+        """Drop Megatron's parallel state (the torch.distributed group stays for the next engine)."""
+        from megatron.core import parallel_state
+
+        self.chunks, self.optimizer = [], None
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+
+
+def _masked_loss_sum(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Megatron's per-token-loss contract: (sum over loss tokens, their count, values to report)."""
+    loss_sum = (per_token_loss.float() * loss_mask.reshape(per_token_loss.shape)).sum()
+    tokens = loss_mask.sum().to(torch.int)
+    return loss_sum, tokens, {"loss_sum": loss_sum.detach().clone(), "tokens": tokens.detach().clone()}
+
+
+def _params_to(params: Any, device: torch.device) -> Any:
+    if params is None:
+        return None
+    for name in ("cu_seqlens_q", "cu_seqlens_kv"):
+        setattr(params, name, getattr(params, name).to(device))
+    return params

@@ -1,0 +1,234 @@
+"""``hebtron submit``: a recipe and a cluster profile -> a job directory -> Slurm jobs.
+
+The job directory (``<profile paths.jobs>/<name>``) holds what a reader needs to see or redo
+the job: the resolved recipe (overrides applied, paths absolute, ``parallel.dp`` set to the
+job's rank count), ``train.sbatch``, ``eval.sbatch`` when an evaluation is chained,
+``job.json`` (ids, paths, how it was submitted) and the Slurm logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hebtron.errors import UserError
+from hebtron.launch import slurm
+from hebtron.launch.profile import PROFILE_DIR, Profile, load_profile, venv_path
+from hebtron.launch.render import EvalChain, JobSpec, render_eval, render_train
+from hebtron.recipe import Recipe, dump_recipe, load_recipe
+from hebtron.recipe.overrides import parse_override
+
+JOB_FILE = "job.json"
+TRAIN_SCRIPT = "train.sbatch"
+EVAL_SCRIPT = "eval.sbatch"
+RECIPE_FILE = "recipe.yaml"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+SUITES_DIRS = (Path("eval") / "suites", PROFILE_DIR.parent / "eval" / "suites")
+
+
+@dataclass
+class Prepared:
+    """A job ready to write and submit."""
+
+    spec: JobSpec
+    recipe: Recipe
+    train_script: str
+    eval_script: str | None
+    record: dict[str, Any]
+
+
+def safe_name(text: str, fallback: str = "hebtron") -> str:
+    """A Slurm job / directory name: letters, digits, ``_.-`` only, at most 64 characters."""
+    name = _UNSAFE.sub("_", text).strip("._-")[:64].strip("._-")
+    return name or fallback
+
+
+def _override_keys(overrides: list[str]) -> set[str]:
+    return {".".join(parse_override(o)[0]) for o in overrides}
+
+
+def load_job_recipe(recipe_path: Path, overrides: list[str], profile: Profile, check_paths: bool) -> Recipe:
+    """The recipe with ``parallel.dp`` set to what the job's ranks give (nodes x ranks per node)."""
+    recipe = load_recipe(recipe_path, overrides, check_paths=check_paths)
+    ranks = profile.nodes * profile.ranks_per_node
+    par = recipe.parallel
+    model_parallel = par.tp * par.pp * par.cp
+    if ranks % model_parallel:
+        raise UserError(
+            f"{recipe_path}: parallel: tp x pp x cp = {model_parallel} does not divide the job's {ranks} ranks "
+            f"({profile.nodes} node(s) x {profile.ranks_per_node})"
+        )
+    dp = ranks // model_parallel
+    if par.dp == dp:
+        return recipe
+    if "parallel.dp" in _override_keys(overrides):
+        raise UserError(
+            f"override 'parallel.dp={par.dp}': the job runs {ranks} ranks ({profile.nodes} node(s) x "
+            f"{profile.ranks_per_node}), so parallel.dp must be {dp}; leave it out and submit sets it"
+        )
+    return load_recipe(recipe_path, [*overrides, f"parallel.dp={dp}"], check_paths=check_paths)
+
+
+def _find_suite_file(suite: str) -> Path | None:
+    path = Path(suite)
+    if path.suffix in (".yaml", ".yml") or "/" in suite:
+        return path if path.is_file() else None
+    for base in SUITES_DIRS:
+        if (base / f"{suite}.yaml").is_file():
+            return base / f"{suite}.yaml"
+    return None
+
+
+def eval_chain(
+    suite: str, policy: str | None, baseline: str | None, recipe: Recipe, check_paths: bool = True
+) -> EvalChain:
+    """Resolve the evaluation chain's suite, gate policy and baseline; fail early on a typo.
+
+    With ``check_paths`` off (the files exist only on the cluster) the values are taken as
+    given: a suite name stays a name, a baseline ending in ``.json`` is a results file.
+    """
+    suite_file = _find_suite_file(suite)
+    if suite_file is None and check_paths:
+        raise UserError(f"--eval-suite {suite}: no such suite (a file, or NAME for eval/suites/NAME.yaml)")
+    stem = (suite_file or Path(suite)).name.removesuffix(".yaml").removesuffix(".yml")
+    tag = safe_name(stem, "suite")
+    if policy is not None:
+        policy_path = Path(policy)
+        if check_paths and not policy_path.is_file():
+            raise UserError(f"--eval-policy {policy}: no such file")
+    elif suite_file is not None and suite_file.with_name(f"{stem}.gate.yaml").is_file():
+        policy_path = suite_file.with_name(f"{stem}.gate.yaml")
+    else:
+        raise UserError(f"--eval-policy: required, since there is no {stem}.gate.yaml beside the suite file")
+    if baseline is None:
+        if recipe.model.hf_path is None:
+            raise UserError(
+                "--eval-baseline: required, since the recipe trains from scratch (model.init); "
+                "give a results JSON or a model directory to gate against"
+            )
+        baseline_path, is_results = Path(recipe.model.hf_path), False
+    else:
+        baseline_path = Path(baseline)
+        if baseline_path.is_file():
+            is_results = True
+        elif baseline_path.is_dir():
+            is_results = False
+        elif not check_paths:
+            is_results = baseline_path.suffix == ".json"
+        else:
+            raise UserError(f"--eval-baseline {baseline}: no such results JSON or model directory")
+    return EvalChain(
+        suite=str(suite_file.resolve()) if suite_file is not None and check_paths else suite,
+        suite_tag=tag,
+        policy=os.path.abspath(policy_path),
+        baseline=os.path.abspath(baseline_path),
+        baseline_is_results=is_results,
+    )
+
+
+def _job_dir(root: Path, name: str, create: bool) -> Path:
+    """``root/name``, or ``root/name-2``, ``-3``, ... when taken (created atomically)."""
+    for n in range(1, 10_000):
+        path = root / (name if n == 1 else f"{name}-{n}")
+        if not create:
+            if not path.exists():
+                return path
+            continue
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"{root}: too many job directories named {name}-N")
+
+
+def prepare(
+    recipe_path: Path,
+    cluster: str,
+    overrides: list[str],
+    *,
+    nodes: int | None = None,
+    time_limit: str | None = None,
+    name: str | None = None,
+    eval_suite: str | None = None,
+    eval_policy: str | None = None,
+    eval_baseline: str | None = None,
+    check_paths: bool = True,
+    create: bool = False,
+) -> Prepared:
+    """Load and check everything, pick the job directory (made when ``create``), render."""
+    profile_name, profile = load_profile(cluster, nodes, time_limit)
+    recipe = load_job_recipe(recipe_path, overrides, profile, check_paths)
+    run_dir = Path(recipe.logging.run_dir)
+    job_name = safe_name(name or run_dir.name)
+    if name is not None and job_name != name:
+        raise UserError(f"--name {name!r}: use letters, digits, '_', '.' and '-' only (e.g. {job_name!r})")
+    chain = eval_chain(eval_suite, eval_policy, eval_baseline, recipe, check_paths) if eval_suite else None
+    jobs_root = Path(os.path.abspath(profile.paths.jobs))
+    job_dir = _job_dir(jobs_root, job_name, create)
+    spec = JobSpec(
+        profile_name=profile_name,
+        profile=profile,
+        job_name=job_name,
+        job_dir=str(job_dir),
+        recipe=str(job_dir / RECIPE_FILE),
+        run_dir=str(run_dir),
+        ckpt_dir=str(recipe.checkpoint.dir),
+        workdir=profile.paths.workdir or os.getcwd(),
+        venv=venv_path(profile),
+        eval=chain,
+    )
+    record = {
+        "name": job_name,
+        "cluster": profile_name,
+        "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "job_dir": spec.job_dir,
+        "recipe": spec.recipe,
+        "recipe_source": str(Path(recipe_path).resolve()),
+        "overrides": list(overrides),
+        "run_dir": spec.run_dir,
+        "ckpt_dir": spec.ckpt_dir,
+        "nodes": profile.nodes,
+        "ranks": profile.nodes * profile.ranks_per_node,
+        "train_job_id": None,
+        "eval_job_id": None,
+        "eval": asdict(chain) if chain else None,
+    }
+    return Prepared(spec, recipe, render_train(spec), render_eval(spec) if chain else None, record)
+
+
+def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if mode is not None:
+        os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def write_record(job_dir: Path, record: dict[str, Any]) -> None:
+    write_text_atomic(job_dir / JOB_FILE, json.dumps(record, indent=2) + "\n")
+
+
+def submit(prepared: Prepared) -> dict[str, Any]:
+    """Write the job directory and submit: training, then the evaluation after it succeeds."""
+    job_dir = Path(prepared.spec.job_dir)
+    record = dict(prepared.record)
+    write_text_atomic(job_dir / RECIPE_FILE, dump_recipe(prepared.recipe))
+    write_text_atomic(job_dir / TRAIN_SCRIPT, prepared.train_script, 0o755)
+    if prepared.eval_script is not None:
+        write_text_atomic(job_dir / EVAL_SCRIPT, prepared.eval_script, 0o755)
+    write_record(job_dir, record)
+    record["train_job_id"] = slurm.sbatch(job_dir / TRAIN_SCRIPT, job_dir)
+    write_record(job_dir, record)
+    if prepared.eval_script is not None:
+        record["eval_job_id"] = slurm.sbatch(job_dir / EVAL_SCRIPT, job_dir, dependency=f"afterok:{record['train_job_id']}")
+        write_record(job_dir, record)
+    return record

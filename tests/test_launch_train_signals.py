@@ -1,0 +1,133 @@
+"""`hebtron train` under the signals Slurm sends (no Slurm needed): exit code 75 after a
+checkpoint, a signal while still importing, and two ranks agreeing on the step to stop after."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hebtron.train.checkpoint import find_latest
+from hebtron.train.commands import STOPPED_EXIT_CODE
+
+from tests.train_fixtures import build_training_fixture, write_recipe
+
+LONG = dict(schedule="constant", total_steps=1_000_000, eval_interval=0)
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory) -> Path:
+    return build_training_fixture(tmp_path_factory.getbasetemp() / "train_fixture")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def _train(recipe: Path, *overrides: str, env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        [sys.executable, "-m", "hebtron.cli", "train", str(recipe), *overrides, "--resume", "auto"],
+        stdout=out, stderr=subprocess.STDOUT, env=env or _env(),
+    )
+
+
+def _steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if line.strip().endswith("}"))
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether the process has a handler installed for ``sig`` (SigCgt in /proc)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except FileNotFoundError:
+        pass
+    return False
+
+
+def test_usr1_checkpoints_and_exits_75(fixture_dir, tmp_path):
+    run = tmp_path / "run"
+    recipe = write_recipe(fixture_dir, run, **LONG)
+    proc = _train(recipe, "checkpoint.interval=1000", log=tmp_path / "log")
+    try:
+        _wait(lambda: _steps(run) >= 5, 120, "5 training steps")
+        proc.send_signal(signal.SIGUSR1)
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    log = (tmp_path / "log").read_text()
+    assert code == STOPPED_EXIT_CODE, log
+    steps = _steps(run)
+    latest = find_latest(run / "checkpoints")
+    assert latest is not None and latest.name == f"step_{steps:08d}", log
+    assert f"stopped by a signal at step {steps}; continue with --resume auto" in log
+
+
+def test_signal_while_importing_is_not_fatal(fixture_dir, tmp_path):
+    run = tmp_path / "run"
+    recipe = write_recipe(fixture_dir, run, **LONG)
+    proc = _train(recipe, log=tmp_path / "log")
+    try:
+        # the first handler for USR1 is the command's own, installed before torch is imported
+        _wait(lambda: _catches(proc.pid, signal.SIGUSR1) or proc.poll() is not None, 60, "a USR1 handler")
+        proc.send_signal(signal.SIGUSR1)
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    log = (tmp_path / "log").read_text()
+    assert code == STOPPED_EXIT_CODE, log
+    assert "signal 10 before training started: stopping (nothing new to save)" in log
+    assert _steps(run) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(fixture_dir, tmp_path):
+    """Slurm may signal ranks at different moments; they must still checkpoint together."""
+    run = tmp_path / "run"
+    recipe = write_recipe(fixture_dir, run, **LONG)
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(_train(recipe, "parallel.dp=2", "checkpoint.interval=1000", env=env, log=tmp_path / f"log{rank}"))
+    try:
+        _wait(lambda: _steps(run) >= 5 and _catches(procs[1].pid, signal.SIGUSR1), 120, "5 steps on two ranks")
+        procs[1].send_signal(signal.SIGUSR1)  # rank 1 only
+        codes = [p.wait(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    logs = [(tmp_path / f"log{r}").read_text() for r in (0, 1)]
+    assert codes == [STOPPED_EXIT_CODE, STOPPED_EXIT_CODE], logs
+    steps = _steps(run)
+    latest = find_latest(run / "checkpoints")
+    assert latest is not None and latest.name == f"step_{steps:08d}"
+    state = json.loads((latest / "trainer_state.json").read_text())
+    assert state["extra"]["world_size"] == 2

@@ -1,0 +1,90 @@
+"""``backend: megatron`` through hebtron's training loop: from the same HF weights, 2 gloo ranks
+at tp=2 train with the losses and the router-monitor figures of the native loop, checkpoint as
+Megatron distributed checkpoints, and ``--resume auto`` continues at another layout (tp=1, dp=2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hebtron.model.config import HybridConfig
+from hebtron.model.decoder import HybridModel
+from hebtron.model.hf import save_hf
+from hebtron.recipe import load_recipe
+from hebtron.train.loop import make_trainer
+from tests.train_fixtures import TINY_MODEL, build_training_fixture, write_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:megatron.*")
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory) -> Path:
+    return build_training_fixture(tmp_path_factory.getbasetemp() / "train_fixture")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _records(run_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r for r in rows if "loss" in r and "step" in r}
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {step: r["loss"] for step, r in _records(run_dir).items()}
+
+
+def _torchrun(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(_port()), "-m", "hebtron.cli", "train", str(recipe), *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_megatron_loop_matches_native_and_resumes_at_another_layout(fixture_dir, tmp_path):
+    config = HybridConfig(**{**TINY_MODEL, "n_groups": 2, "vocab_size": 400})
+    torch.manual_seed(3)
+    save_hf(HybridModel(config), tmp_path / "start")
+    recipe = write_recipe(fixture_dir, tmp_path / "native", total_steps=2, eval_interval=0)
+    hf = [f"model.hf_path={tmp_path / 'start'}", "model.init=null", "moe.monitor.interval=2"]
+
+    native = make_trainer(load_recipe(recipe, hf))
+    native.run()
+    native.close()
+    reference = _losses(tmp_path / "native")
+
+    mega_dir = tmp_path / "mega"
+    common = [*hf, "backend=megatron", f"logging.run_dir={mega_dir}", f"checkpoint.dir={mega_dir / 'ckpt'}"]
+    proc = _torchrun(recipe, *common, "parallel.tp=2", "parallel.dp=1")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    ours = _losses(mega_dir)
+    assert sorted(ours) == [1, 2]
+    for step, loss in reference.items():
+        assert abs(ours[step] - loss) < 2e-4 * loss, (step, ours, reference)
+    native_router, mega_router = _records(tmp_path / "native")[2]["router"], _records(mega_dir)[2]["router"]
+    for lang in ("he", "en", "all"):  # Megatron's routers, each TP rank seeing half the sequence, summed
+        theirs, mine = native_router["layer_2"][lang], mega_router["layer_2"][lang]
+        assert theirs["tokens"] == mine["tokens"] > 0, (lang, theirs, mine)
+        for figure in ("load_entropy", "router_entropy", "max_share", "cv"):
+            assert abs(theirs[figure] - mine[figure]) < 1e-3, (lang, figure, theirs, mine)
+    ckpt = mega_dir / "ckpt" / "step_00000002"
+    assert (ckpt / "megatron" / "metadata.json").is_file() and (ckpt / "COMPLETE").is_file()
+
+    proc = _torchrun(recipe, *common, "parallel.dp=2", "train.total_steps=3", "--resume", "auto")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "resumed from" in proc.stdout and "step_00000002" in proc.stdout
+    resumed = _losses(mega_dir)
+    assert sorted(resumed) == [1, 2, 3] and all(loss == loss for loss in resumed.values())

@@ -206,7 +206,7 @@ def row_fields(row: PackedRow, loss_average: LossAverage = "token") -> dict[str,
         raise ValueError(f"loss_average: expected 'token' or 'sample', got {loss_average!r}")
     lang = np.full(seq_len, UNKNOWN_LANG, dtype=np.int64)
     lang[:used] = np.repeat(row.doc_langs.astype(np.int64), row.doc_lens)
-    return {"input_ids": ids, "labels": labels, "position_ids": position_ids, "seq_idx": seg * 0,
+    return {"input_ids": ids, "labels": labels, "position_ids": position_ids, "seq_idx": seg,
             "loss_mask": weights, "lang": lang}
 
 

@@ -30,12 +30,12 @@ from tests.collapse_scenario import SKEWED_LAYER, THRESHOLD, alarms, he_entropy,
 from tests.train_fixtures import build_training_fixture  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "router_collapse"
-VARIANTS = {
-    "no balancing": {},
-    "sequence aux 1e-2": {"aux_loss": {"sequence": 1e-2}},
-    "global-batch aux 1e-2": {"aux_loss": {"global_batch": 1e-2}},
-    "micro-batch aux 1e-2": {"aux_loss": {"micro_batch": 1e-2}},
-    "expert bias 1e-2": {"bias_rate": 1e-2},
+VARIANTS = {  # name: (run directory, moe recipe section)
+    "no balancing": ("none", {}),
+    "sequence aux 1e-2": ("sequence", {"aux_loss": {"sequence": 1e-2}}),
+    "global-batch aux 1e-2": ("global_batch", {"aux_loss": {"global_batch": 1e-2}}),
+    "micro-batch aux 1e-2": ("micro_batch", {"aux_loss": {"micro_batch": 1e-2}}),
+    "expert bias 1e-2": ("expert_bias", {"bias_rate": 1e-2}),
 }
 
 
@@ -50,8 +50,8 @@ def main() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
     fixture = build_training_fixture(OUT / "fixture")
     runs, rows = {}, []
-    for name, moe in VARIANTS.items():
-        run_dir = OUT / name.split()[0].replace("-", "_")
+    for name, (slug, moe) in VARIANTS.items():
+        run_dir = OUT / slug
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             records = run_collapse(fixture, run_dir, moe)

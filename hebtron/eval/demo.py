@@ -80,8 +80,8 @@ def evaluate_and_gate(demo_root: Path, baseline: tuple[str, Path], candidate: tu
     print(f"  gate: {candidate[0]} vs {baseline[0]}: {'ACCEPT' if verdict.accepted else 'REJECT'}")
     for reason in verdict.reasons or [c.note for c in verdict.checks]:
         print(f"    - {reason}")
-    if verdict.aggregate_gain is not None:
-        print(f"    - aggregate gain {verdict.aggregate_gain:+.4f} (policy min {verdict.min_gain:+g})")
+    if verdict.accepted and verdict.aggregate_gain is not None:
+        print(f"    - aggregate: mean scaled gain {verdict.aggregate_gain:+.4g} (policy min_gain {verdict.min_gain:+g})")
     print(f"    = hebtron eval gate --candidate {cand_json} --baseline {base_json} "
           f"--policy eval/suites/{POLICY.name}  (exit {verdict.exit_code}; report {report})")
     return {"baseline": baseline[0], "candidate": candidate[0], "verdict": "accept" if verdict.accepted else "reject",

@@ -333,6 +333,15 @@ class Trainer:
         self.backend.load_model_state(self.model, model_state)
         if optim_state is not None:
             self.backend.load_optimizer_state(self.model, self.optimizer, optim_state)
+        self._restore_run_state(extra)
+        self.moe.load_state_dict(extra.get("moe") or {})
+        if extra.get("batch_size"):
+            self.batch_policy.load_state_dict(extra["batch_size"])
+            self.noise.load_state_dict(extra["noise"])
+            self._tokens_per_sequence = float(extra["tokens_per_sequence"])
+
+    def _restore_run_state(self, extra: dict[str, Any]) -> None:
+        """Position, data, schedule, guards and RNG: what every backend's checkpoint carries."""
         self.step = int(extra["step"])
         self.tokens = int(extra["tokens"])
         self.data.load_state_dict(extra["data"])
@@ -341,11 +350,6 @@ class Trainer:
         if self.early_kill is not None and extra.get("early_kill"):
             self.early_kill.load_state_dict(extra["early_kill"])
         self.val_loss_start = dict(extra.get("val_loss_start") or {})
-        self.moe.load_state_dict(extra.get("moe") or {})
-        if extra.get("batch_size"):
-            self.batch_policy.load_state_dict(extra["batch_size"])
-            self.noise.load_state_dict(extra["noise"])
-            self._tokens_per_sequence = float(extra["tokens_per_sequence"])
         restore_rng(extra["rng"])
 
     # ------------------------------------------------------------------ helpers

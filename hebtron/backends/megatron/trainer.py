@@ -30,7 +30,7 @@ from hebtron.backends.megatron.step import MegatronEngine, OptimSettings
 from hebtron.errors import UserError
 from hebtron.model.config import HybridConfig
 from hebtron.recipe import Recipe
-from hebtron.train.checkpoint import capture_rng, find_latest, restore_rng
+from hebtron.train.checkpoint import capture_rng
 from hebtron.train.guards import EarlyKillGuard, NanGuard
 from hebtron.train.loop import Trainer
 from hebtron.train.metrics import MetricsWriter
@@ -267,22 +267,8 @@ class MegatronTrainer(Trainer):
                                 keep_last=self.recipe.checkpoint.keep_last)
         return path if self.backend.is_main else None
 
-    def _resolve_resume(self, resume: str | None) -> Path | None:
-        if resume == "auto":
-            return find_latest(self.ckpt_dir)
-        return super()._resolve_resume(resume)
-
     def _load(self, path: Path) -> None:
-        extra = mcheckpoint.load(self.engine, path)
-        self.step = int(extra["step"])
-        self.tokens = int(extra["tokens"])
-        self.data.load_state_dict(extra["data"])
-        self.schedule.load_state_dict(extra["schedule"])
-        self.nan_guard.load_state_dict(extra["nan_guard"])
-        if self.early_kill is not None and extra.get("early_kill"):
-            self.early_kill.load_state_dict(extra["early_kill"])
-        self.val_loss_start = dict(extra.get("val_loss_start") or {})
-        restore_rng(extra["rng"])
+        self._restore_run_state(mcheckpoint.load(self.engine, path))
 
     def close(self) -> None:
         self.backend.close()

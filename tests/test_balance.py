@@ -229,7 +229,7 @@ def test_two_ranks_match_one_rank(tmp_path: Path) -> None:
     out = tmp_path / "out.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
          str(script), str(out), str(REPO)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )

@@ -53,6 +53,20 @@ def test_estimator_state_round_trip():
     assert math.isfinite(est.b_simple) and again.b_simple == est.b_simple and again.updates == 5
 
 
+def test_a_gradient_spike_is_left_out_of_the_estimate():
+    def feed(est, spike_at):
+        for i in range(60):
+            scale = 4000.0 if i == spike_at else 1.0  # a step with a gradient norm ~63x the usual
+            est.update(2.0 * scale, 0.8 * scale, 1, 4)
+        return est
+
+    clean, spiked = feed(NoiseScaleEstimator(0.98), None), feed(NoiseScaleEstimator(0.98), 30)
+    assert spiked.spikes == 1 and clean.spikes == 0 and spiked.updates == clean.updates - 1
+    assert spiked.b_simple == pytest.approx(clean.b_simple) == pytest.approx(4.0)
+    unguarded = feed(NoiseScaleEstimator(0.98, spike_factor=1e9), 30)
+    assert unguarded.spikes == 0 and abs(unguarded.trace / clean.trace) > 10  # what the guard prevents
+
+
 def test_lr_scaling_rules():
     assert lr_scale_for(8 * 256, 256, "sqrt") == pytest.approx(math.sqrt(8))  # 8x batch -> ~2.83x LR
     assert lr_scale_for(512, 256, "linear") == 2.0
@@ -69,13 +83,21 @@ def test_steps_policy_follows_ramp():
 
 def test_adaptive_policy_is_monotone_rounded_bounded_and_waits():
     policy = BatchSizePolicy("adaptive", start=8, granularity=4, minimum=8, maximum=64, k=1.0, interval=10,
-                             warmup_updates=5)
+                             warmup_updates=5, max_growth=4.0)
     assert policy.decide(step=20, tokens=0, b_noise_sequences=30.0, estimator_updates=4) == 8  # not warmed up
     assert policy.decide(step=20, tokens=0, b_noise_sequences=30.0, estimator_updates=5) == 28  # rounded down to 4s
     assert policy.decide(step=25, tokens=0, b_noise_sequences=50.0, estimator_updates=9) == 28  # interval not due
     assert policy.decide(step=30, tokens=0, b_noise_sequences=12.0, estimator_updates=9) == 28  # never shrinks
     assert policy.decide(step=40, tokens=0, b_noise_sequences=500.0, estimator_updates=9) == 64  # capped
     assert policy.lr_scale() == pytest.approx(math.sqrt(64 / 8))
+
+
+def test_adaptive_policy_grows_at_most_max_growth_per_decision():
+    policy = BatchSizePolicy("adaptive", start=4, granularity=2, maximum=64, interval=5, warmup_updates=1)
+    sizes = [policy.decide(step, 0, 1000.0, 10) for step in range(0, 30, 5)]
+    assert sizes == [4, 8, 16, 32, 64, 64]  # default max_growth 2: one noisy estimate cannot jump to the max
+    with pytest.raises(ValueError, match="max_growth"):
+        BatchSizePolicy("adaptive", start=4, granularity=2, maximum=64, max_growth=1.0)
 
 
 def test_adaptive_policy_resume_reproduces_future_sizes():

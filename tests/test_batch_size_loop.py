@@ -62,8 +62,8 @@ def test_two_ranks_measure_the_same_noise_as_one(tmp_path):
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.json"), str(REPO), "1"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29531", str(script), str(tmp_path / "two.json"), str(REPO), "2"],
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                          str(script), str(tmp_path / "two.json"), str(REPO), "2"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())

@@ -91,7 +91,7 @@ def test_windows_restart_at_document_boundaries(data):
 def test_one_source_stream_covers_every_document_once_per_epoch(data):
     prefix, docs = data["a"]
     total = sum(map(len, docs))
-    batches = CPTBatches([prefix], seq_len=L, seed=5)
+    batches = CPTBatches([prefix], seq_len=L, seed=5, shuffle_windows=False)
     n_rows = 2 * total // L + 2
     batch = batches.next_batch(n_rows)
     stream = torch.cat([batch["input_ids"][0, :1], batch["labels"].flatten()]).tolist()
@@ -109,10 +109,34 @@ def test_one_source_stream_covers_every_document_once_per_epoch(data):
     epoch0, epoch1 = split(stream[:total]), split(stream[total : 2 * total])
     assert sorted(epoch0) == sorted(docs) and sorted(epoch1) == sorted(docs)
     assert epoch0 != docs and epoch0 != epoch1  # reshuffled every epoch, from the seed
-    again = CPTBatches([prefix], seq_len=L, seed=5).next_batch(n_rows)
+    again = CPTBatches([prefix], seq_len=L, seed=5, shuffle_windows=False).next_batch(n_rows)
     assert torch.equal(again["input_ids"], batch["input_ids"])
-    other = CPTBatches([prefix], seq_len=L, seed=6).next_batch(n_rows)
+    other = CPTBatches([prefix], seq_len=L, seed=6, shuffle_windows=False).next_batch(n_rows)
     assert not torch.equal(other["input_ids"], batch["input_ids"])
+
+
+def test_shuffled_windows_are_a_permutation_of_the_contiguous_ones(data):
+    prefix, docs = data["a"]
+    block = sum(map(len, docs)) // L  # one shuffle block: about one epoch of windows
+    n_rows = 3 * block
+    contiguous = CPTBatches([prefix], seq_len=L, seed=5, shuffle_windows=False).next_batch(n_rows)
+    shuffled = CPTBatches([prefix], seq_len=L, seed=5).next_batch(n_rows)
+
+    def key(batch, i):
+        return tuple(batch["input_ids"][i].tolist() + batch["labels"][i, -1:].tolist())
+
+    where = {key(contiguous, i): i for i in range(n_rows)}
+    assert len(where) == n_rows  # the synthetic windows are all distinct
+    order = [where[key(shuffled, i)] for i in range(n_rows)]
+    for b in range(3):  # each block reads exactly the same stretch of the stream, permuted
+        assert sorted(order[b * block : (b + 1) * block]) == list(range(b * block, (b + 1) * block))
+    neighbours = sum(order[i + 1] == order[i] + 1 for i in range(n_rows - 1))
+    assert order != sorted(order) and neighbours < n_rows // 4  # batch neighbours rarely stream neighbours
+    for row in rows_of(shuffled):
+        check_row(row)
+    with pytest.raises(UserError, match="shuffle_windows"):
+        CPTBatches([prefix], seq_len=L, seed=5).load_state_dict(
+            CPTBatches([prefix], seq_len=L, seed=5, shuffle_windows=False).state_dict())
 
 
 def test_blend_follows_weights_at_every_prefix(data):

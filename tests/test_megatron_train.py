@@ -88,3 +88,45 @@ def test_megatron_loop_matches_native_and_resumes_at_another_layout(fixture_dir,
     assert "resumed from" in proc.stdout and "step_00000002" in proc.stdout
     resumed = _losses(mega_dir)
     assert sorted(resumed) == [1, 2, 3] and all(loss == loss for loss in resumed.values())
+
+
+def test_megatron_loop_follows_the_batch_size_policy_and_measures_noise_like_native(fixture_dir, tmp_path):
+    """A batch ramp and the noise probe on Megatron (2 data-parallel ranks, one micro-batch each)
+    give the native loop's batch sizes, LR scaling and micro-batch gradient norms (1 process, two
+    micro-batches: the same units), and resuming mid-ramp continues the same sizes."""
+    from hebtron.backends.megatron.config_map import ParallelPlan
+    from hebtron.backends.megatron.noise import unsupported_reason
+
+    assert unsupported_reason(ParallelPlan(dp=2)) is None
+    assert "tp = 2" in unsupported_reason(ParallelPlan(tp=2)) and "ep = 2" in unsupported_reason(ParallelPlan(ep=2))
+
+    config = HybridConfig(**{**TINY_MODEL, "n_groups": 2, "vocab_size": 400})
+    torch.manual_seed(4)
+    save_hf(HybridModel(config), tmp_path / "start")
+    recipe = write_recipe(fixture_dir, tmp_path / "native", total_steps=4, eval_interval=0, schedule="constant",
+                          warmup_tokens=0)  # the first Megatron run stops at step 2: same LR whatever the plan
+    common = [f"model.hf_path={tmp_path / 'start'}", "model.init=null",
+              "batch_size={policy: steps, ramp: '0:8 512:16', measure_interval: 1, lr_scaling: sqrt}"]
+    native = make_trainer(load_recipe(recipe, common))
+    native.run()
+    native.close()
+    reference = _records(tmp_path / "native")
+
+    mega_dir = tmp_path / "mega"
+    mega = [*common, "backend=megatron", "parallel.dp=2", f"logging.run_dir={mega_dir}",
+            f"checkpoint.dir={mega_dir / 'ckpt'}"]
+    proc = _torchrun(recipe, *mega, "train.total_steps=2")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    proc = _torchrun(recipe, *mega, "--resume", "auto")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "step_00000002" in proc.stdout
+    ours = _records(mega_dir)
+    assert [ours[s]["global_batch"] for s in range(1, 5)] == [reference[s]["global_batch"] for s in range(1, 5)] \
+        == [8, 8, 16, 16]
+    for step in range(1, 5):
+        mine, theirs = ours[step], reference[step]
+        assert mine["lr"] == pytest.approx(theirs["lr"], rel=1e-9) and mine["lr_scale"] == theirs["lr_scale"]
+        assert abs(mine["loss"] - theirs["loss"]) < 2e-4 * theirs["loss"], (step, mine["loss"], theirs["loss"])
+        for field in ("noise/g_small_sq", "noise/g_big_sq"):
+            assert mine[field] == pytest.approx(theirs[field], rel=2e-3), (step, field, mine[field], theirs[field])
+    assert ours[4]["noise/b_simple_tokens"] == pytest.approx(reference[4]["noise/b_simple_tokens"], rel=2e-2)

@@ -2,8 +2,13 @@
 
 Each source (one indexed dataset written by ``hebtron data prepare``) is an endless stream:
 its documents, reshuffled every epoch from the seed, concatenated (each ends with ``</s>``).
-Sample ``k`` of a source reads ``seq_len + 1`` tokens at its cursor and moves the cursor by
-``seq_len``, so every token is predicted exactly once per epoch (Megatron's GPT windows).
+Sample ``k`` of a source reads ``seq_len + 1`` tokens at window ``k`` and moves the cursor
+by ``seq_len``, so every token is predicted exactly once per epoch (Megatron's GPT windows).
+As in Megatron's shuffled sample index, window ``k`` is taken from a seeded permutation of
+the windows of its block (about one epoch of the source, at most ``WINDOW_BLOCK`` windows):
+otherwise one batch would hold consecutive windows of the same document, whose gradients
+are correlated — fewer effective samples per step, and a gradient-noise estimate that
+mistakes that shared noise for signal.
 Which source a sample comes from follows Megatron's blending rule: the source whose share so
 far lags its weight the most (``argmax(w * (n + 1) - count)``), which hits the weights
 exactly up to one sample at every prefix. Phases run in order, each for a token budget and
@@ -35,7 +40,7 @@ from hebtron.data.indexed import open_indexed, read_langs, read_meta
 from hebtron.data.lang import UNKNOWN_LANG
 from hebtron.errors import UserError
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: windows shuffled within blocks
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,9 @@ class Phase:
     weights: Mapping[str, float] | None = None
 
 
+WINDOW_BLOCK = 1 << 20  # windows per shuffle block: 8 MiB of permutation, ~8.6B tokens at 8k context
+
+
 class TokenStream:
     """One source as an endless token stream over epochs of seeded document order."""
 
@@ -80,6 +88,22 @@ class TokenStream:
         self.langs = read_langs(prefix, len(self.lengths))
         self.seed, self.shuffle, self.salt = seed, shuffle, zlib.crc32(salt.encode())
         self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._blocks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def window_start(self, window: int, seq_len: int) -> int:
+        """Stream offset of the ``window``-th window: windows tile the stream, permuted within
+        blocks of about one epoch, so each stream position is still read exactly once."""
+        if not self.shuffle:
+            return window * seq_len
+        size = max(1, min(self.total // seq_len, WINDOW_BLOCK))
+        block, j = divmod(window, size)
+        key = (block, size)
+        if key not in self._blocks:
+            rng = np.random.default_rng([self.seed, self.salt, block, size, 1])
+            self._blocks[key] = rng.permutation(size)
+            while len(self._blocks) > 2:
+                self._blocks.popitem(last=False)
+        return (block * size + int(self._blocks[key][j])) * seq_len
 
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Document order of ``epoch`` and each document's start offset in that epoch."""
@@ -171,6 +195,7 @@ class CPTBatches:
         phases: Sequence[Phase] | None = None,
         shuffle: bool = True,
         eod_mask_loss: bool = False,
+        shuffle_windows: bool = True,
     ):
         if seq_len < 1:
             raise UserError(f"seq_len must be positive, got {seq_len}")
@@ -182,6 +207,7 @@ class CPTBatches:
         if len(set(keys)) != len(keys):
             raise UserError(f"source names must be unique, got {keys}; set Source.name")
         self.seq_len, self.seed, self.eod_mask_loss = seq_len, seed, eod_mask_loss
+        self.shuffle_windows = shuffle and shuffle_windows
         self.phases = list(phases) if phases else [Phase("main", None)]
         self._weights = [self._phase_weights(p) for p in self.phases]
         self._phase_samples = [None if p.tokens is None else math.ceil(p.tokens / seq_len) for p in self.phases]
@@ -254,7 +280,9 @@ class CPTBatches:
         return s, start
 
     def _window(self, s: int, start: int) -> dict[str, np.ndarray]:
-        tokens, first, langs = self.streams[s].read(start, self.seq_len + 1)
+        stream = self.streams[s]
+        offset = stream.window_start(start // self.seq_len, self.seq_len) if self.shuffle_windows else start
+        tokens, first, langs = stream.read(offset, self.seq_len + 1)
         return window_fields(tokens, first, langs, self.seq_len + 1, self.pad_id, self.eod_mask_loss)
 
     def next_batch(self, n_sequences: int, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
@@ -271,6 +299,7 @@ class CPTBatches:
         """Plain-JSON position: load it into a fresh instance to continue identically."""
         return {
             "version": STATE_VERSION, "seq_len": self.seq_len, "seed": self.seed,
+            "shuffle_windows": self.shuffle_windows,
             "sources": [s.key for s in self.sources], "phases": [p.name for p in self.phases],
             "phase": self.phase, "phase_samples": self.phase_samples,
             "phase_counts": list(self.phase_counts), "cursors": list(self.cursors),
@@ -280,7 +309,7 @@ class CPTBatches:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`; refuses a state from a different data setup."""
         mine = self.state_dict()
-        for key in ("version", "seq_len", "seed", "sources", "phases"):
+        for key in ("version", "seq_len", "seed", "shuffle_windows", "sources", "phases"):
             if state.get(key) != mine[key]:
                 raise UserError(f"data state: {key} is {state.get(key)!r} in the checkpoint "
                                 f"but {mine[key]!r} in this run")

@@ -185,6 +185,9 @@ class DataSection(Section):
     seq_len: int = Field(gt=0, description="tokens per training sequence")
     valid: list[DataSource] = Field(default_factory=list, description="validation sources")
     num_workers: int = Field(0, ge=0, description="data loader worker processes")
+    shuffle_windows: bool = Field(
+        True, description="CPT: shuffle windows within each source (Megatron's sample shuffle), so a batch "
+                          "does not hold consecutive windows of one document")
 
     @model_validator(mode="after")
     def _consistent(self) -> DataSection:
@@ -424,8 +427,12 @@ class BatchSizeSection(Section):
     k: float = Field(1.0, gt=0, description="adaptive: target k x B_noise")
     interval: int = Field(50, gt=0, description="adaptive: steps between batch increases")
     warmup_updates: int = Field(20, ge=1, description="adaptive: estimator updates before the first decision")
+    max_growth: float = Field(2.0, gt=1, description="adaptive: largest factor of one batch increase")
     ema: float = Field(0.95, ge=0, lt=1, description="EMA factor of the noise-scale estimates")
     measure_interval: int = Field(1, ge=0, description="steps between noise measurements; 0: never")
+    spike_factor: float = Field(
+        25.0, gt=1, description="a step whose squared gradient norm is this many times its running mean is "
+                                "a spike and is not measured")
     lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
 
     @model_validator(mode="after")

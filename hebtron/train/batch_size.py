@@ -27,16 +27,29 @@ ScalingRule = Literal["sqrt", "linear", "none"]
 
 @dataclass
 class NoiseScaleEstimator:
-    """Bias-corrected EMAs of the unbiased ``|G|^2`` and ``tr(S)`` estimates."""
+    """Bias-corrected EMAs of the unbiased ``|G|^2`` and ``tr(S)`` estimates.
+
+    A gradient spike (one step whose ``|G_big|^2`` is ``spike_factor`` times its running
+    mean, i.e. a gradient norm ~5x the usual) is left out: its two norms are thousands of
+    times the usual, so a single one would dominate both EMAs for hundreds of steps, and it
+    says nothing about the noise of ordinary steps. Spikes are counted in ``spikes``.
+    """
 
     beta: float = 0.99
+    spike_factor: float = 25.0
     g2_ema: float = 0.0
     trace_ema: float = 0.0
+    big_ema: float = 0.0
     updates: int = 0
+    spikes: int = 0
+
+    SPIKE_BASELINE = 5  # updates before the spike guard has a running mean to compare with
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"NoiseScaleEstimator beta: expected 0 <= beta < 1, got {self.beta}")
+        if self.spike_factor <= 1.0:
+            raise ValueError(f"NoiseScaleEstimator spike_factor: expected > 1, got {self.spike_factor}")
 
     @staticmethod
     def unbiased(g_small_sq: float, g_big_sq: float, b_small: float, b_big: float) -> tuple[float, float]:
@@ -47,13 +60,19 @@ class NoiseScaleEstimator:
         trace = (g_small_sq - g_big_sq) / (1.0 / b_small - 1.0 / b_big)
         return g2, trace
 
-    def update(self, g_small_sq: float, g_big_sq: float, b_small: float, b_big: float) -> None:
+    def update(self, g_small_sq: float, g_big_sq: float, b_small: float, b_big: float) -> bool:
+        """Fold in one step; False when it was not used (non-finite, or a gradient spike)."""
         g2, trace = self.unbiased(g_small_sq, g_big_sq, b_small, b_big)
         if not (math.isfinite(g2) and math.isfinite(trace)):
-            return
+            return False
+        if self.updates >= self.SPIKE_BASELINE and g_big_sq > self.spike_factor * self.big_ema / self._correction:
+            self.spikes += 1
+            return False
         self.g2_ema = self.beta * self.g2_ema + (1 - self.beta) * g2
         self.trace_ema = self.beta * self.trace_ema + (1 - self.beta) * trace
+        self.big_ema = self.beta * self.big_ema + (1 - self.beta) * g_big_sq
         self.updates += 1
+        return True
 
     @property
     def _correction(self) -> float:
@@ -75,13 +94,16 @@ class NoiseScaleEstimator:
         return self.trace_ema / self.g2_ema  # the bias corrections cancel
 
     def state_dict(self) -> dict[str, Any]:
-        return {"beta": self.beta, "g2_ema": self.g2_ema, "trace_ema": self.trace_ema, "updates": self.updates}
+        return {"beta": self.beta, "g2_ema": self.g2_ema, "trace_ema": self.trace_ema, "big_ema": self.big_ema,
+                "updates": self.updates, "spikes": self.spikes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.beta = float(state["beta"])
         self.g2_ema = float(state["g2_ema"])
         self.trace_ema = float(state["trace_ema"])
+        self.big_ema = float(state.get("big_ema", 0.0))
         self.updates = int(state["updates"])
+        self.spikes = int(state.get("spikes", 0))
 
 
 def lr_scale_for(batch: int, reference: int, rule: ScalingRule) -> float:
@@ -116,9 +138,11 @@ class BatchSizePolicy:
 
     ``fixed``: always ``start``. ``steps``: the ramp's value at the tokens seen so far.
     ``adaptive``: once the estimate has ``warmup_updates`` updates, every ``interval`` steps,
-    move toward ``k * B_simple`` (converted to sequences), never down, within [``minimum``,
-    ``maximum``], rounded down to a multiple of ``granularity`` (micro_batch x dp) so that
-    every rank gets whole micro-batches. The learning rate follows ``lr_scale``.
+    move toward ``k * B_simple`` (converted to sequences), never down, at most ``max_growth``
+    times the current batch per decision (one noisy estimate must not jump straight to the
+    maximum), within [``minimum``, ``maximum``], rounded down to a multiple of ``granularity``
+    (micro_batch x dp) so that every rank gets whole micro-batches. The learning rate follows
+    ``lr_scale``.
     """
 
     kind: Literal["fixed", "steps", "adaptive"]
@@ -130,6 +154,7 @@ class BatchSizePolicy:
     k: float = 1.0
     interval: int = 50
     warmup_updates: int = 20
+    max_growth: float = 2.0
     rule: ScalingRule = "sqrt"
     current: int = 0
     last_change_step: int = 0
@@ -142,6 +167,8 @@ class BatchSizePolicy:
         for value, name in ((self.start, "start"), (self.minimum, "minimum"), (self.maximum, "maximum")):
             if value % self.granularity:
                 raise ValueError(f"batch size {name} {value} is not a multiple of micro_batch x dp ({self.granularity})")
+        if self.max_growth <= 1.0:
+            raise ValueError(f"batch size max_growth must be > 1, got {self.max_growth}")
         for _, size in self.ramp:
             if size % self.granularity:
                 raise ValueError(f"batch ramp size {size} is not a multiple of micro_batch x dp ({self.granularity})")
@@ -163,7 +190,7 @@ class BatchSizePolicy:
             due = step - self.last_change_step >= self.interval
             ready = estimator_updates >= self.warmup_updates and math.isfinite(b_noise_sequences)
             if due and ready:
-                target = self._round(self.k * b_noise_sequences)
+                target = self._round(min(self.k * b_noise_sequences, self.max_growth * self.current))
                 if target > self.current:
                     self.current = target
                     self.last_change_step = step

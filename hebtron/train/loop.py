@@ -33,7 +33,7 @@ from hebtron.train.loss import token_loss_sum
 from hebtron.train.metrics import MetricsWriter, Progress
 from hebtron.train.batch_size import BatchSizePolicy, NoiseScaleEstimator, parse_ramp
 from hebtron.train.moe_step import MoEStep
-from hebtron.train.noise_probe import GradientNoiseProbe
+from hebtron.train.noise_probe import GradientNoiseProbe, NoiseMeasurement
 from hebtron.train.optim import build_adamw, clip_grad_norm
 from hebtron.train.schedule import TokenSchedule, set_lr
 from hebtron.train.setup import build_model, build_train_data, build_valid_data, load_tokenizer
@@ -125,7 +125,7 @@ class Trainer:
         self.moe = MoEStep(recipe.moe, self.model, self.backend, getattr(self.data, "pad_id", self.config.pad_token_id))
         if self.moe.note():
             self._say(self.moe.note())
-        self.batch_policy, self.noise = _batch_size_control(recipe)
+        self.batch_policy, self.noise = batch_size_control(recipe)
         self.noise_probe = GradientNoiseProbe(self.model, self.backend)
         self.run_dir = Path(recipe.logging.run_dir)
         self.ckpt_dir = Path(recipe.checkpoint.dir)
@@ -201,10 +201,7 @@ class Trainer:
         """One optimizer step; returns its metrics record."""
         recipe, train = self.recipe, self.recipe.train
         t0 = time.perf_counter()
-        global_batch = self.batch_policy.decide(self.step, self.tokens, self._noise_in_sequences(), self.noise.updates)
-        self.schedule.lr_scale = self.batch_policy.lr_scale()
-        step_tokens = global_batch * recipe.data.seq_len
-        lr = self.schedule.lr(self.tokens + step_tokens)
+        global_batch, step_tokens, lr = self._plan_step()
         set_lr(self.optimizer, lr)
         phase = self.data.phase_name
         batch = self.data.next_batch(global_batch)
@@ -215,9 +212,7 @@ class Trainer:
             split_rows(batch, s, s + train.micro_batch) for s in range(first, first + per_rank, train.micro_batch)
         ]
         self.model.train()
-        interval = recipe.batch_size.measure_interval
-        self.noise_probe.begin_step(bool(interval) and self.step % interval == 0
-                                    and self.noise_probe.usable(len(micro_batches)))
+        self.noise_probe.begin_step(self._measure_now() and self.noise_probe.usable(len(micro_batches)))
         loss_sum = accumulate_gradients(
             self.model, micro_batches, loss_tokens, self.backend, train.precision, moe=self.moe,
             noise=self.noise_probe,
@@ -226,9 +221,6 @@ class Trainer:
         grad_norm = clip_grad_norm(self.model.parameters(), train.grad_clip if train.grad_clip > 0 else math.inf)
         skipped = self.nan_guard.check(loss, grad_norm, self.step + 1)
         measured = self.noise_probe.measurement(loss_tokens, grad_norm) if not skipped else None
-        if measured is not None:
-            self.noise.update(measured.g_small_sq, measured.g_big_sq, measured.b_small, measured.b_big)
-        self._tokens_per_sequence = loss_tokens / global_batch
         if not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -248,15 +240,41 @@ class Trainer:
             "loss_tokens": loss_tokens,
             "skipped_steps": self.nan_guard.total,
             "phase": phase,
-            "global_batch": global_batch,
-            "lr_scale": self.schedule.lr_scale,
         }
-        if self.noise.updates:
-            record.update({"noise/b_simple_tokens": self.noise.b_simple, "noise/b_simple_seqs": self._noise_in_sequences(),
-                           "noise/g2": self.noise.g2, "noise/trace": self.noise.trace})
+        record.update(self._batch_size_step(global_batch, loss_tokens, measured))
         record.update(moe_record)
         self._moe_alarms(record)
         return record
+
+    # -------------------------------------------------------------- batch size
+    def _plan_step(self) -> tuple[int, int, float]:
+        """The policy's global batch for this step, its tokens, and the LR (scaled for the batch)."""
+        global_batch = self.batch_policy.decide(self.step, self.tokens, self._noise_in_sequences(), self.noise.updates)
+        self.schedule.lr_scale = self.batch_policy.lr_scale()
+        step_tokens = global_batch * self.recipe.data.seq_len
+        return global_batch, step_tokens, self.schedule.lr(self.tokens + step_tokens)
+
+    def _measure_now(self) -> bool:
+        interval = self.recipe.batch_size.measure_interval
+        return bool(interval) and self.step % interval == 0
+
+    def _batch_size_step(self, global_batch: int, loss_tokens: float, measured: NoiseMeasurement | None) -> dict[str, Any]:
+        """Fold the step's noise measurement into the estimator; the batch-size metrics fields."""
+        if measured is not None:
+            self.noise.update(measured.g_small_sq, measured.g_big_sq, measured.b_small, measured.b_big)
+        self._tokens_per_sequence = loss_tokens / global_batch
+        record: dict[str, Any] = {"global_batch": global_batch, "lr_scale": self.schedule.lr_scale}
+        if measured is not None:  # this step's raw norms; the EMAs below smooth them
+            record.update({"noise/g_small_sq": measured.g_small_sq, "noise/g_big_sq": measured.g_big_sq})
+        if self.noise.updates:
+            record.update({"noise/b_simple_tokens": self.noise.b_simple, "noise/b_simple_seqs": self._noise_in_sequences(),
+                           "noise/g2": self.noise.g2, "noise/trace": self.noise.trace,
+                           "noise/spikes": self.noise.spikes})
+        return record
+
+    def _batch_size_state(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_policy.state_dict(), "noise": self.noise.state_dict(),
+                "tokens_per_sequence": self._tokens_per_sequence}
 
     def _noise_in_sequences(self) -> float:
         """The critical batch estimate in sequences (the estimator works in loss tokens)."""
@@ -301,9 +319,7 @@ class Trainer:
                 "nan_guard": self.nan_guard.state_dict(),
                 "early_kill": self.early_kill.state_dict() if self.early_kill else None,
                 "moe": moe_state,
-                "batch_size": self.batch_policy.state_dict(),
-                "noise": self.noise.state_dict(),
-                "tokens_per_sequence": self._tokens_per_sequence,
+                **self._batch_size_state(),
                 "val_loss_start": self.val_loss_start,
                 "rng": capture_rng(),
                 "tokenizer": str(self.recipe.tokenizer.path),
@@ -335,10 +351,6 @@ class Trainer:
             self.backend.load_optimizer_state(self.model, self.optimizer, optim_state)
         self._restore_run_state(extra)
         self.moe.load_state_dict(extra.get("moe") or {})
-        if extra.get("batch_size"):
-            self.batch_policy.load_state_dict(extra["batch_size"])
-            self.noise.load_state_dict(extra["noise"])
-            self._tokens_per_sequence = float(extra["tokens_per_sequence"])
 
     def _restore_run_state(self, extra: dict[str, Any]) -> None:
         """Position, data, schedule, guards and RNG: what every backend's checkpoint carries."""
@@ -350,6 +362,10 @@ class Trainer:
         if self.early_kill is not None and extra.get("early_kill"):
             self.early_kill.load_state_dict(extra["early_kill"])
         self.val_loss_start = dict(extra.get("val_loss_start") or {})
+        if extra.get("batch_size"):
+            self.batch_policy.load_state_dict(extra["batch_size"])
+            self.noise.load_state_dict(extra["noise"])
+            self._tokens_per_sequence = float(extra["tokens_per_sequence"])
         restore_rng(extra["rng"])
 
     # ------------------------------------------------------------------ helpers
@@ -382,7 +398,7 @@ class Trainer:
         self.backend.close()
 
 
-def _batch_size_control(recipe: Recipe) -> tuple[BatchSizePolicy, NoiseScaleEstimator]:
+def batch_size_control(recipe: Recipe) -> tuple[BatchSizePolicy, NoiseScaleEstimator]:
     section, train = recipe.batch_size, recipe.train
     policy = BatchSizePolicy(
         section.policy,
@@ -394,9 +410,10 @@ def _batch_size_control(recipe: Recipe) -> tuple[BatchSizePolicy, NoiseScaleEsti
         k=section.k,
         interval=section.interval,
         warmup_updates=section.warmup_updates,
+        max_growth=section.max_growth,
         rule=section.lr_scaling,
     )
-    return policy, NoiseScaleEstimator(section.ema)
+    return policy, NoiseScaleEstimator(section.ema, section.spike_factor)
 
 
 def _fmt_losses(losses: dict[str, float]) -> str:

@@ -93,7 +93,8 @@ def build_train_data(recipe: Recipe) -> CPTBatches | SFTBatches:
     phases = [Phase(p.name, p.tokens, data.phase_weights(p)) for p in data.phases]
     if phases:  # after the last budget the run continues with the last mixture
         phases[-1] = Phase(phases[-1].name, None, phases[-1].weights)
-    return CPTBatches(sources, data.seq_len, seed=recipe.train.seed, phases=phases or None)
+    return CPTBatches(sources, data.seq_len, seed=recipe.train.seed, phases=phases or None,
+                      shuffle_windows=data.shuffle_windows)
 
 
 def build_valid_data(recipe: Recipe) -> dict[str, ValidationBatches] | dict[str, SFTValidationBatches]:

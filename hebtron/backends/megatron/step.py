@@ -27,6 +27,7 @@ from hebtron.backends.megatron.model import build_model
 from hebtron.backends.megatron.specs import te_available
 from hebtron.errors import CheckpointError
 from hebtron.model.config import HybridConfig
+from hebtron.train.noise_probe import NoiseMeasurement
 
 
 ROW_KEYS = ("input_ids", "labels", "loss_mask", "seq_idx", "position_ids", "lang")  # per-token fields used
@@ -50,6 +51,7 @@ class StepResult:
     loss_tokens: int
     grad_norm: float
     skipped: bool
+    noise: NoiseMeasurement | None = None  # small/big gradient norms, on measured steps
 
     @property
     def loss(self) -> float:
@@ -83,6 +85,9 @@ class MegatronEngine:
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
         self.chunks = self._build_chunks(with_optimizer)
+        from hebtron.backends.megatron.noise import MegatronNoiseProbe
+
+        self.noise_probe = MegatronNoiseProbe(self)
         self.optimizer = self._build_optimizer() if with_optimizer else None
 
     # ------------------------------------------------------------------ building
@@ -137,7 +142,11 @@ class MegatronEngine:
             use_distributed_optimizer=o.distributed_optimizer,
         )
         optimizer = get_megatron_optimizer(config, self.chunks, use_gloo_process_groups=not torch.cuda.is_available())
-        self.config.finalize_model_grads_func = finalize_model_grads
+        def finalize(*args: Any, **kwargs: Any) -> None:
+            self.noise_probe.before_finalize()  # the last micro-batch's local gradient, before reduction
+            finalize_model_grads(*args, **kwargs)
+
+        self.config.finalize_model_grads_func = finalize
         self.config.grad_scale_func = optimizer.scale_loss
         self.config.no_sync_func = [chunk.no_sync for chunk in self.chunks]
         if len(self.chunks) == 1:
@@ -178,6 +187,7 @@ class MegatronEngine:
 
     # ------------------------------------------------------------------ compute
     def _forward_step(self, data_iterator: Iterator[MegatronInputs], model: torch.nn.Module):
+        self.noise_probe.before_forward()
         inputs = next(data_iterator)
         labels = inputs.labels.clamp(min=0)  # masked positions may hold -100; their loss is masked out
         output = model(inputs.tokens, None, None, labels=labels, packed_seq_params=inputs.packed_seq_params)
@@ -212,18 +222,26 @@ class MegatronEngine:
         dist.all_reduce(totals, group=ps.get_data_parallel_group())
         return float(totals[0]), int(totals[1])
 
-    def train_step(self, micros: Sequence[MegatronInputs], lr: float) -> StepResult:
+    def train_step(self, micros: Sequence[MegatronInputs], lr: float, measure_noise: bool = False) -> StepResult:
+        """One optimizer step; ``measure_noise`` also reads each micro-batch's gradient norm
+        (see :mod:`.noise`; the plan must allow it)."""
         assert self.optimizer is not None, "built without an optimizer"
+        if measure_noise:
+            self.noise_probe.begin([float(m.loss_mask.double().sum()) for m in micros])
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         for chunk in self.chunks:
             chunk.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # what Megatron's param scheduler would set
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            # wd_mult is 0 for biases and 1-D parameters (norms, A_log, D, dt_bias), as natively
+            group["weight_decay"] = self.optim_settings.weight_decay * group.get("wd_mult", 1.0)
         loss_sum, tokens = self.forward_backward(micros)
         ok, grad_norm, _ = self.optimizer.step()
-        return StepResult(loss_sum, tokens, float(grad_norm) if grad_norm is not None else float("nan"), not ok)
+        norm = float(grad_norm) if grad_norm is not None else float("nan")
+        noise = self.noise_probe.measurement(tokens, norm, float(self.optimizer.get_loss_scale()))
+        return StepResult(loss_sum, tokens, norm, not ok, noise)
 
     @torch.no_grad()
     def evaluate(self, micros: Sequence[MegatronInputs]) -> tuple[float, int]:
@@ -296,6 +314,11 @@ class MegatronEngine:
         else:
             for i, module in enumerate(self.modules):
                 module.load_state_dict(loaded[f"model{i}"], strict=False)
+        if self.optimizer is not None:
+            # the optimizer's main parameters are its own copies: without this, a resumed run's first
+            # update would apply to the weights it was built with, not the checkpoint's (fp32 runs);
+            # with bf16 the fp32 main weights saved in the optimizer state then override these
+            self.optimizer.reload_model_params()
         if with_optimizer and self.optimizer is not None and "optimizer" in loaded:
             try:
                 self.optimizer.load_state_dict(loaded["optimizer"])
@@ -305,8 +328,7 @@ class MegatronEngine:
                     "tp/ep/pp, optimizer state only while the expert/dense optimizer split is unchanged "
                     "(ep = 1 vs ep > 1): resume at the saved expert parallelism"
                 ) from None
-        elif self.optimizer is not None:
-            self.optimizer.reload_model_params()
+            _unshare_adam_steps(self.optimizer)
 
     def close(self) -> None:
         """Drop Megatron's parallel state (the torch.distributed group stays for the next engine)."""
@@ -315,6 +337,22 @@ class MegatronEngine:
         self.chunks, self.optimizer = [], None
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
+
+
+def _unshare_adam_steps(optimizer: Any) -> None:
+    """Give every parameter its own Adam step counter after a reload.
+
+    Megatron's reshardable optimizer state stores one step per parameter group and hands the
+    same tensor to every parameter's state; torch's Adam increments each parameter's step in
+    place, so a shared tensor would advance once per parameter per update and the bias
+    correction of every resumed step would be wrong (a resumed run then drifts from one that
+    never stopped, from its second step on)."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        for state in (inner.state.values() if inner is not None else ()):
+            step = state.get("step")
+            if torch.is_tensor(step):
+                state["step"] = step.clone()
 
 
 def _masked_loss_sum(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):

@@ -26,13 +26,14 @@ import torch.distributed as dist
 from hebtron.backends.megatron import checkpoint as mcheckpoint
 from hebtron.backends.megatron import runtime
 from hebtron.backends.megatron.config_map import settings_from_recipe
+from hebtron.backends.megatron.noise import unsupported_reason
 from hebtron.backends.megatron.step import MegatronEngine, OptimSettings
 from hebtron.errors import UserError
 from hebtron.model.config import HybridConfig
 from hebtron.recipe import Recipe
 from hebtron.train.checkpoint import capture_rng
 from hebtron.train.guards import EarlyKillGuard, NanGuard
-from hebtron.train.loop import Trainer
+from hebtron.train.loop import Trainer, batch_size_control
 from hebtron.train.metrics import MetricsWriter
 from hebtron.train.schedule import TokenSchedule
 from hebtron.train.setup import build_train_data, build_valid_data, load_tokenizer
@@ -110,6 +111,12 @@ class MegatronTrainer(Trainer):
         if train.global_batch % per_step:
             raise UserError(f"recipe: train.global_batch ({train.global_batch}) must be a multiple of "
                             f"micro_batch x data-parallel ranks ({per_step})")
+        self.batch_policy, self.noise = batch_size_control(recipe)
+        self._noise_blocked = unsupported_reason(settings.plan)
+        if recipe.batch_size.policy == "adaptive" and self._noise_blocked:
+            raise UserError(f"recipe: batch_size.policy: adaptive needs the gradient noise scale, but {self._noise_blocked}; "
+                            "use policy fixed or steps with this plan")
+        self._tokens_per_sequence = 0.0
         self.model = None  # Megatron's model chunks live in self.engine
         self.optimizer = self.engine.optimizer
         self.schedule = TokenSchedule(
@@ -198,10 +205,9 @@ class MegatronTrainer(Trainer):
     def train_step(self) -> dict[str, Any]:
         recipe, train = self.recipe, self.recipe.train
         t0 = time.perf_counter()
-        step_tokens = train.global_batch * recipe.data.seq_len
-        lr = self.schedule.lr(self.tokens + step_tokens)
+        global_batch, step_tokens, lr = self._plan_step()
         phase = self.data.phase_name
-        batch = self.data.next_batch(train.global_batch)
+        batch = self.data.next_batch(global_batch)
         rows = self.engine.rank_rows(batch)
         micros = self.engine.micro_inputs(rows, train.micro_batch)
         if self.router_monitor is not None:
@@ -213,9 +219,10 @@ class MegatronTrainer(Trainer):
                 micro_slots({k: v[i * mb : (i + 1) * mb] for k, v in rows.items()}, inputs, pad)
                 for i, inputs in enumerate(micros)
             ])
-        result = self.engine.train_step(micros, lr)
+        measure = self._measure_now() and not self._noise_blocked and len(micros) * self.engine.dp_size > 1
+        result = self.engine.train_step(micros, lr, measure_noise=measure)
         loss_tokens = result.loss_tokens
-        self.nan_guard.check(result.loss, result.grad_norm, self.step + 1)
+        skipped = self.nan_guard.check(result.loss, result.grad_norm, self.step + 1) or result.skipped
         self.step += 1
         self.tokens += step_tokens
         if self.early_kill is not None:
@@ -231,6 +238,7 @@ class MegatronTrainer(Trainer):
             "skipped_steps": self.nan_guard.total,
             "phase": phase,
         }
+        record.update(self._batch_size_step(global_batch, loss_tokens, None if skipped else result.noise))
         record.update(self._router_record())
         return record
 
@@ -257,6 +265,7 @@ class MegatronTrainer(Trainer):
             "nan_guard": self.nan_guard.state_dict(),
             "early_kill": self.early_kill.state_dict() if self.early_kill else None,
             "val_loss_start": self.val_loss_start,
+            **self._batch_size_state(),
             "rng": capture_rng(),
             "tokenizer": str(self.recipe.tokenizer.path),
             "world_size": self.backend.world_size,

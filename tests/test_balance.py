@@ -323,3 +323,21 @@ def test_monitor_off_with_alarms_is_an_error() -> None:
 
     with pytest.raises(UserError, match="alarms need the router monitor"):
         load_recipe(REPO / "recipes" / "demo" / "cpt.yaml", ["moe.monitor.interval=0"], check_paths=False)
+
+
+def test_router_scores_stay_fp32_under_bf16_autocast() -> None:
+    """Routing decisions are taken in fp32 even when the rest of the step runs in bf16: bf16
+    logits (8 mantissa bits) would flip near-tied top-k choices and blur the expert bias."""
+    from hebtron.model.moe import TopKRouter
+
+    config = HybridConfig(**{**TINY_CONFIGS["nano-like"], "n_routed_experts": 16, "num_experts_per_tok": 2})
+    torch.manual_seed(0)
+    router = TopKRouter(config)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.5)
+    x = torch.randn(512, config.hidden_size, generator=torch.Generator().manual_seed(2))
+    reference = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = router(x)
+    assert mixed[0].dtype == torch.float32
+    assert torch.equal(mixed[0], reference[0]) and torch.equal(mixed[2], reference[2])

@@ -133,6 +133,16 @@ def test_pack_command_and_sft_from_packed_file_and_checkpoint(fx, tmp_path, caps
     out = capsys.readouterr().out
     assert "packing (best-fit decreasing):" in out and "done: 2 steps" in out
     ckpts = tmp_path / "first" / "checkpoints"
+    # the export carries the chat template the SFT run rendered with (here hebtron's ChatML)
+    assert cli(["export", str(ckpts), "--hf", str(tmp_path / "hf")]) == 0
+    from transformers import AutoTokenizer
+
+    from hebtron.data.chat import DEFAULT_TEMPLATE
+
+    exported = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert exported.chat_template == DEFAULT_TEMPLATE
+    assert "<|im_start|>assistant" in exported.apply_chat_template([{"role": "user", "content": "שלום"}],
+                                                                  tokenize=False, add_generation_prompt=True)
     recipe = write_sft_recipe(tmp_path, tmp_path / "second", train, valid, tok, model={"hf_path": str(ckpts)},
                               total_steps=1, eval_interval=0)
     raw = recipe.read_text().replace(f"tokenizer:\n  path: {tok}\n", "")  # the checkpoint names its tokenizer

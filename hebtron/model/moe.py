@@ -51,7 +51,8 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, H) -> logits, scores, topk_idx, topk_weight."""
-        logits = F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # fp32 routing even under bf16 autocast, as Nemotron
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.score_function == "sigmoid" else logits.softmax(dim=-1)
         choice = (scores + self.e_score_correction_bias).detach()
         if self.n_group > 1 and self.topk_group < self.n_group:

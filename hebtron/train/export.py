@@ -29,5 +29,8 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: str | None = None) -> 
     save_hf(model, out, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype or ""))
     tokenizer_path = extra.get("tokenizer")
     if tokenizer_path:
-        load_tokenizer(Path(tokenizer_path)).save_pretrained(str(out))
+        tokenizer = load_tokenizer(Path(tokenizer_path))
+        if extra.get("chat_template"):  # an SFT checkpoint: serve it with the template it learned
+            tokenizer.chat_template = extra["chat_template"]
+        tokenizer.save_pretrained(str(out))
     return out

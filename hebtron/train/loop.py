@@ -272,6 +272,16 @@ class Trainer:
                            "noise/spikes": self.noise.spikes})
         return record
 
+    def _chat_template(self) -> str | None:
+        """The Jinja template SFT rendered conversations with (None for CPT): kept with every
+        checkpoint so that an export serves the model with the format it was trained on."""
+        if self.recipe.sft is None:
+            return None
+        from hebtron.data.chat import resolve_template
+        from hebtron.data.sft import SFTOptions
+
+        return resolve_template(self.tokenizer, SFTOptions.from_recipe(self.recipe.sft).template)
+
     def _batch_size_state(self) -> dict[str, Any]:
         return {"batch_size": self.batch_policy.state_dict(), "noise": self.noise.state_dict(),
                 "tokens_per_sequence": self._tokens_per_sequence}
@@ -323,6 +333,7 @@ class Trainer:
                 "val_loss_start": self.val_loss_start,
                 "rng": capture_rng(),
                 "tokenizer": str(self.recipe.tokenizer.path),
+                "chat_template": self._chat_template(),
                 "world_size": self.backend.world_size,
             }
             config_json = json.dumps(self.config.to_hf_dict(), indent=2, sort_keys=True)

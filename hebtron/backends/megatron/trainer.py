@@ -268,6 +268,7 @@ class MegatronTrainer(Trainer):
             **self._batch_size_state(),
             "rng": capture_rng(),
             "tokenizer": str(self.recipe.tokenizer.path),
+            "chat_template": self._chat_template(),
             "world_size": self.backend.world_size,
             "backend": "megatron",
         }

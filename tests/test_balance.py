@@ -26,13 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 PAD = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine spinning threads cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mixed_batch(vocab: int, rows: int = 8, seq: int = 12, seed: int = 5) -> dict[str, torch.Tensor]:

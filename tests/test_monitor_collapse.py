@@ -11,19 +11,12 @@ import statistics
 from pathlib import Path
 
 import pytest
-import torch
 
 from hebtron.train.guards import TrainingAborted
 from tests.collapse_scenario import RULE, SKEWED_LAYER, THRESHOLD, alarms, he_entropy, run_collapse, shared_fixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine spinning threads cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

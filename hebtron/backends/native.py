@@ -20,7 +20,29 @@ from torch import nn
 from hebtron.errors import UserError
 
 
-class NativeBackend:
+class ProcessGroupOps:
+    """What the run loop asks of any backend's process group: rank, reductions, barrier.
+    Subclasses set ``rank``, ``world_size`` and ``distributed``."""
+
+    rank: int
+    world_size: int
+    distributed: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+class NativeBackend(ProcessGroupOps):
     def __init__(self, expected_dp: int = 1) -> None:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -39,10 +61,6 @@ class NativeBackend:
         if self.distributed and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.sharded = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """FSDP2: shard each block, then the root (embeddings, final norm, head)."""
@@ -67,15 +85,6 @@ class NativeBackend:
     def loss_scale(self) -> float:
         """FSDP averages gradients over ranks; scaling by the world size turns that into a sum."""
         return float(self.world_size)
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
 
     def autocast(self, precision: str) -> contextlib.AbstractContextManager:
         if precision == "bf16":

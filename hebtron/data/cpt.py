@@ -93,8 +93,6 @@ class TokenStream:
     def window_start(self, window: int, seq_len: int) -> int:
         """Stream offset of the ``window``-th window: windows tile the stream, permuted within
         blocks of about one epoch, so each stream position is still read exactly once."""
-        if not self.shuffle:
-            return window * seq_len
         size = max(1, min(self.total // seq_len, WINDOW_BLOCK))
         block, j = divmod(window, size)
         key = (block, size)

@@ -17,6 +17,36 @@ from hebtron.model.config import HybridConfig
 from hebtron.model.norms import GatedRMSNorm
 
 
+def conv_and_scan(
+    xbc: torch.Tensor, dt: torch.Tensor, conv1d: nn.Conv1d, A_log: torch.Tensor, D: torch.Tensor,
+    dt_bias: torch.Tensor, dt_limit: tuple[float, float], chunk_size: int, num_heads: int, head_dim: int,
+    n_groups: int, state_size: int, seq_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The Mamba2 token mixing between in_proj and the gated norm: depthwise causal conv (SiLU)
+    over x|B|C, then the chunked SSD scan with the D skip; (batch, seqlen, heads x head_dim).
+    One definition for this mixer and the Megatron CPU spec, so both backends mix alike."""
+    batch, seqlen, _ = xbc.shape
+    xbc = causal_conv1d(
+        xbc.transpose(1, 2), conv1d.weight.squeeze(1), conv1d.bias, seq_idx=seq_idx, activation="silu"
+    ).transpose(1, 2)
+    inner, groups_state = num_heads * head_dim, n_groups * state_size
+    x, B, C = xbc.split([inner, groups_state, groups_state], dim=-1)
+    y = ssd_chunk_scan(
+        x.reshape(batch, seqlen, num_heads, head_dim),
+        dt,
+        -torch.exp(A_log.float()),
+        B.reshape(batch, seqlen, n_groups, state_size),
+        C.reshape(batch, seqlen, n_groups, state_size),
+        chunk_size,
+        D=D,
+        dt_bias=dt_bias,
+        dt_softplus=True,
+        dt_limit=dt_limit,
+        seq_idx=seq_idx,
+    )
+    return y.reshape(batch, seqlen, inner)
+
+
 class Mamba2Mixer(nn.Module):
     def __init__(self, config: HybridConfig) -> None:
         super().__init__()
@@ -45,24 +75,8 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(self.inner, config.hidden_size, bias=config.use_bias)
 
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        batch, seqlen, _ = hidden.shape
         gate, xbc, dt = self.in_proj(hidden).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
-        xbc = causal_conv1d(
-            xbc.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx, activation="silu"
-        ).transpose(1, 2)
-        x, B, C = xbc.split([self.inner, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1)
-        y = ssd_chunk_scan(
-            x.reshape(batch, seqlen, self.num_heads, self.head_dim),
-            dt,
-            -torch.exp(self.A_log.float()),
-            B.reshape(batch, seqlen, self.n_groups, self.state_size),
-            C.reshape(batch, seqlen, self.n_groups, self.state_size),
-            self.chunk_size,
-            D=self.D,
-            dt_bias=self.dt_bias,
-            dt_softplus=True,
-            dt_limit=self.dt_limit,
-            seq_idx=seq_idx,
-        )
-        y = self.norm(y.reshape(batch, seqlen, self.inner), gate)
+        y = conv_and_scan(xbc, dt, self.conv1d, self.A_log, self.D, self.dt_bias, self.dt_limit, self.chunk_size,
+                          self.num_heads, self.head_dim, self.n_groups, self.state_size, seq_idx)
+        y = self.norm(y, gate)
         return self.out_proj(y.to(hidden.dtype))

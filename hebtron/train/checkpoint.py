@@ -83,9 +83,7 @@ def save_checkpoint(
     tensors, aliases = _dedupe_tensors(model_state)
     _clean_scratch(root, include_own=True)
 
-    name = checkpoint_name(step)
-    final = root / name
-    tmp = root / f"{name}.tmp-{os.getpid()}"
+    tmp = root / f"{checkpoint_name(step)}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -97,14 +95,26 @@ def save_checkpoint(
         with open(tmp / OPTIMIZER_FILE, "wb") as fh:
             torch.save(dict(optimizer_state), fh)
             _flush_fsync(fh)
-    _write_text(tmp / STATE_FILE, state_json)
+    write_text_synced(tmp / STATE_FILE, state_json)
     for fname, text in (extra_files or {}).items():
-        _write_text(tmp / fname, text)
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-    _write_text(tmp / COMPLETE_FILE,
-                json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}))
+        write_text_synced(tmp / fname, text)
+    return publish_checkpoint(tmp, root, step, keep_last)
+
+
+def publish_checkpoint(tmp: Path, root: Path, step: int, keep_last: int | None = None) -> Path:
+    """Turn the fully written directory ``tmp`` into checkpoint ``step`` of ``root``.
+
+    Writes the manifest (every file under ``tmp``, relative path and size) last, renames the
+    directory into place (a re-saved step is swapped in whole), points ``latest`` at it and
+    prunes to ``keep_last``. Until the rename the previous checkpoint stays the newest complete
+    one. Shared by every backend's saver, so they stay equally crash-safe.
+    """
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    write_text_synced(tmp / COMPLETE_FILE, json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}))
     _fsync_dir(tmp)
 
+    name = checkpoint_name(step)
+    final = root / name
     if final.exists():  # re-saving a step (resumed from an older checkpoint): swap it out
         trash = root / f"{name}.trash-{os.getpid()}"
         os.rename(final, trash)
@@ -162,12 +172,13 @@ def _dedupe_tensors(
 
 def _write_latest(root: Path, name: str) -> None:
     tmp = root / f"{LATEST_FILE}.tmp-{os.getpid()}"
-    _write_text(tmp, name + "\n")
+    write_text_synced(tmp, name + "\n")
     os.replace(tmp, root / LATEST_FILE)
     _fsync_dir(root)
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text_synced(path: Path, text: str) -> None:
+    """Write and fsync: the text is on disk before anything points at it."""
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
         _flush_fsync(fh)
@@ -286,7 +297,7 @@ def prune_checkpoints(run_ckpt_dir: str | os.PathLike, keep_last: int) -> list[P
 
 def mark_keep(checkpoint: str | os.PathLike, reason: str = "") -> None:
     """Protect a checkpoint from pruning (e.g. it passed the eval gate)."""
-    _write_text(Path(checkpoint) / KEEP_FILE, reason + "\n")
+    write_text_synced(Path(checkpoint) / KEEP_FILE, reason + "\n")
 
 
 def _clean_scratch(root: Path, include_own: bool = False) -> None:

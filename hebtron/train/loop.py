@@ -12,6 +12,7 @@ and resumed with ``--resume auto`` writes the same per-step losses as one never 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import signal
@@ -108,42 +109,45 @@ class Trainer:
         self.optimizer = build_adamw(
             self.model, train.lr, train.weight_decay, (train.adam_beta1, train.adam_beta2), train.adam_eps
         )
+        self._init_run_parts()
+        self.moe = MoEStep(recipe.moe, self.model, self.backend, getattr(self.data, "pad_id", self.config.pad_token_id))
+        if self.moe.note():
+            self._say(self.moe.note())
+        self.noise_probe = GradientNoiseProbe(self.model, self.backend)
+        self._open_run(resume)
+
+    def _init_run_parts(self) -> None:
+        """Schedule, data, guards, batch-size control and run position: the same on every backend."""
+        recipe, train = self.recipe, self.recipe.train
         self.schedule = TokenSchedule(
-            train.schedule,
-            train.lr,
-            train.min_lr,
-            train.warmup_tokens,
-            recipe.planned_tokens,
-            recipe.decay_token_count if train.schedule == "wsd" else 0,
-            train.decay_shape,
+            train.schedule, train.lr, train.min_lr, train.warmup_tokens, recipe.planned_tokens,
+            recipe.decay_token_count if train.schedule == "wsd" else 0, train.decay_shape,
         )
         self.data = build_train_data(recipe)
         self.valid = build_valid_data(recipe)
         self.nan_guard = NanGuard(train.nan_guard_max_skips)
         kill = train.early_kill
         self.early_kill = EarlyKillGuard(kill.window_steps, kill.margin, kill.ema) if kill.enabled else None
-        self.moe = MoEStep(recipe.moe, self.model, self.backend, getattr(self.data, "pad_id", self.config.pad_token_id))
-        if self.moe.note():
-            self._say(self.moe.note())
-        self.batch_policy, self.noise = batch_size_control(recipe)
-        self.noise_probe = GradientNoiseProbe(self.model, self.backend)
+        self.batch_policy, self.noise = _batch_size_control(recipe)
+        self._tokens_per_sequence = 0.0
         self.run_dir = Path(recipe.logging.run_dir)
         self.ckpt_dir = Path(recipe.checkpoint.dir)
         self.step = 0
         self.tokens = 0
-        self._tokens_per_sequence = 0.0
         self.val_loss_start: dict[str, float] = {}
         self._stop_signal: int | None = None
+
+    def _open_run(self, resume: str | None) -> Path | None:
+        """Resume from ``resume`` if it names a checkpoint, then open the metrics; returns the checkpoint."""
         resumed_from = self._resolve_resume(resume)
         if resumed_from is not None:
             self._load(resumed_from)
         self.resumed_from = resumed_from
         self.metrics = MetricsWriter(
-            self.run_dir,
-            tensorboard=recipe.logging.tensorboard,
-            resume_step=self.step if resumed_from is not None else None,
-            enabled=self.backend.is_main,
+            self.run_dir, tensorboard=self.recipe.logging.tensorboard,
+            resume_step=self.step if resumed_from is not None else None, enabled=self.backend.is_main,
         )
+        return resumed_from
 
     # ------------------------------------------------------------------ the run
     @property
@@ -272,6 +276,7 @@ class Trainer:
                            "noise/spikes": self.noise.spikes})
         return record
 
+    @functools.cached_property
     def _chat_template(self) -> str | None:
         """The Jinja template SFT rendered conversations with (None for CPT): kept with every
         checkpoint so that an export serves the model with the format it was trained on."""
@@ -333,7 +338,7 @@ class Trainer:
                 "val_loss_start": self.val_loss_start,
                 "rng": capture_rng(),
                 "tokenizer": str(self.recipe.tokenizer.path),
-                "chat_template": self._chat_template(),
+                "chat_template": self._chat_template,
                 "world_size": self.backend.world_size,
             }
             config_json = json.dumps(self.config.to_hf_dict(), indent=2, sort_keys=True)
@@ -409,7 +414,7 @@ class Trainer:
         self.backend.close()
 
 
-def batch_size_control(recipe: Recipe) -> tuple[BatchSizePolicy, NoiseScaleEstimator]:
+def _batch_size_control(recipe: Recipe) -> tuple[BatchSizePolicy, NoiseScaleEstimator]:
     section, train = recipe.batch_size, recipe.train
     policy = BatchSizePolicy(
         section.policy,

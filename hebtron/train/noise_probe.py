@@ -66,7 +66,7 @@ class GradientNoiseProbe:
 
     def _reset(self) -> None:
         self.active = False
-        self._unit_sq: list[float] = []
+        self._unit_sq: list[torch.Tensor] = []  # 0-dim, on the device: no host sync per micro-batch
         self._unit_tokens: list[float] = []
         self._snapshot: list[torch.Tensor] | None = None
         self._rank_tokens = 0.0
@@ -90,7 +90,7 @@ class GradientNoiseProbe:
         if self.backend.sharded:
             self._rank_tokens += micro_tokens
             if index == count - 1:
-                self._unit_sq.append(float(self.local_sq))
+                self._unit_sq.append(self.local_sq.clone())
                 self._unit_tokens.append(self._rank_tokens)
                 self.recording = False
             return
@@ -99,7 +99,7 @@ class GradientNoiseProbe:
             unit = grads
         else:
             unit = torch._foreach_sub(grads, self._snapshot)
-        self._unit_sq.append(float(sum(g.float().pow(2).sum() for g in unit)))
+        self._unit_sq.append(torch.stack([g.float().pow(2).sum() for g in unit]).sum())
         self._unit_tokens.append(micro_tokens)
         if index < count - 1:
             self._snapshot = [g.detach().clone() for g in grads]
@@ -112,9 +112,13 @@ class GradientNoiseProbe:
             return None
         scale = global_tokens / self.backend.loss_scale
         # raw unit gradient = sum of token gradients * loss_scale / global_tokens -> mean over the unit's tokens
-        means = [sq * (scale / max(tok, 1e-9)) ** 2 for sq, tok in zip(self._unit_sq, self._unit_tokens)]
-        totals = torch.tensor([sum(means), float(len(means)), sum(self._unit_tokens)], dtype=torch.float64,
-                              device=self.backend.device)
+        weights = torch.tensor([(scale / max(tok, 1e-9)) ** 2 for tok in self._unit_tokens], dtype=torch.float64,
+                               device=self.backend.device)
+        totals = torch.stack([
+            (torch.stack(self._unit_sq).double() * weights).sum(),
+            weights.new_tensor(float(len(self._unit_sq))),
+            weights.new_tensor(sum(self._unit_tokens)),
+        ])
         self.backend.all_reduce_sum(totals)
         units = float(totals[1])
         if units < 2:

@@ -10,7 +10,8 @@
         COMPLETE                   manifest of every file (relative paths and sizes), written last
 
 Every rank writes its shards into ``step_N.tmp-<pid of rank 0>``; rank 0 then writes the state
-and the manifest and renames the directory into place, and only then moves ``latest``. A crash
+and hands the directory to :func:`hebtron.train.checkpoint.publish_checkpoint` (manifest, rename,
+``latest``), the native saver's own last step. A crash
 at any point leaves the previous checkpoint as the newest complete one
 (:func:`hebtron.train.checkpoint.find_latest` checks the manifest).
 """
@@ -27,13 +28,12 @@ import torch.distributed as dist
 
 from hebtron.errors import CheckpointError
 from hebtron.train.checkpoint import (
-    COMPLETE_FILE,
     FORMAT_VERSION,
-    LATEST_FILE,
     STATE_FILE,
     checkpoint_name,
     checkpoint_problem,
-    prune_checkpoints,
+    publish_checkpoint,
+    write_text_synced,
 )
 
 MEGATRON_DIR = "megatron"
@@ -54,25 +54,10 @@ def save(engine: Any, root: str | Path, step: int, extra: dict[str, Any], config
     engine.save_checkpoint(tmp / MEGATRON_DIR)
     final = root / name
     if engine.rank == 0:
-        state = {"format": FORMAT_VERSION, "step": step, "extra": extra}
-        (tmp / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
-        (tmp / "config.json").write_text(config_json, encoding="utf-8")
-        (tmp / "hebtron_config.json").write_text(config_json, encoding="utf-8")
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / COMPLETE_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}),
-                                         encoding="utf-8")
-        if final.exists():
-            trash = root / f"{name}.trash-{pid[0]}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        pointer = root / f"{LATEST_FILE}.tmp-{pid[0]}"
-        pointer.write_text(name + "\n", encoding="utf-8")
-        os.replace(pointer, root / LATEST_FILE)
-        if keep_last:
-            prune_checkpoints(root, keep_last)
+        write_text_synced(tmp / STATE_FILE, json.dumps({"format": FORMAT_VERSION, "step": step, "extra": extra}))
+        write_text_synced(tmp / "config.json", config_json)
+        write_text_synced(tmp / "hebtron_config.json", config_json)
+        publish_checkpoint(tmp, root, step, keep_last)
     dist.barrier()
     return final
 

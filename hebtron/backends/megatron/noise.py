@@ -44,10 +44,11 @@ class MegatronNoiseProbe:
         self._reset()
 
     def _reset(self) -> None:
-        self._unit_sq: list[float] = []
+        self._unit_sq: list[torch.Tensor] = []  # 0-dim, on the device: no host sync per micro-batch
         self._unit_tokens: list[float] = []
         self._snapshot: list[torch.Tensor] | None = None
         self._next = 0
+        self._tokens: list[float] = []
 
     def _buffers(self) -> list[torch.Tensor]:
         return [buffer.grad_data for chunk in self.engine.chunks
@@ -57,15 +58,15 @@ class MegatronNoiseProbe:
         """Measure the coming train step, whose micro-batches hold ``unit_tokens`` loss tokens."""
         self._reset()
         self.active = True
-        self._tokens = unit_tokens
+        self._tokens = list(unit_tokens)
 
     def _read_unit(self) -> None:
         """Record the gradient of the micro-batch whose backward has just finished."""
         buffers = self._buffers()
         if self._snapshot is None:
-            sq = sum(float(b.float().pow(2).sum()) for b in buffers)
+            sq = torch.stack([b.float().pow(2).sum() for b in buffers]).sum()
         else:
-            sq = sum(float((b.float() - s).pow(2).sum()) for b, s in zip(buffers, self._snapshot, strict=True))
+            sq = torch.stack([(b.float() - s).pow(2).sum() for b, s in zip(buffers, self._snapshot, strict=True)]).sum()
         self._unit_sq.append(sq)
         self._unit_tokens.append(self._tokens[len(self._unit_sq) - 1])
         self._snapshot = [b.detach().float().clone() for b in buffers] if self._next < len(self._tokens) else None
@@ -91,9 +92,13 @@ class MegatronNoiseProbe:
 
         self.active = False
         # buffers hold sum over the unit's tokens of per-token gradients x loss_scale -> mean gradient
-        means = [sq / (loss_scale * max(tok, 1e-9)) ** 2 for sq, tok in zip(self._unit_sq, self._unit_tokens)]
-        totals = torch.tensor([sum(means), float(len(means)), sum(self._unit_tokens)], dtype=torch.float64,
-                              device=self.engine.device)
+        weights = torch.tensor([1.0 / (loss_scale * max(tok, 1e-9)) ** 2 for tok in self._unit_tokens],
+                               dtype=torch.float64, device=self.engine.device)
+        totals = torch.stack([
+            (torch.stack(self._unit_sq).double() * weights).sum(),
+            weights.new_tensor(float(len(self._unit_sq))),
+            weights.new_tensor(sum(self._unit_tokens)),
+        ])
         dist.all_reduce(totals, group=ps.get_data_parallel_group())
         units = float(totals[1])
         if units < 2:

@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hebtron.kernels.causal_conv1d import causal_conv1d
-from hebtron.kernels.ssd import ssd_chunk_scan
+from hebtron.model.mamba2 import conv_and_scan
 from hebtron.model.config import HybridConfig
 
 
@@ -219,24 +218,9 @@ def _mixer_class() -> type:
             seq_idx = seq_idx_from_packed(packed_seq_params, seqlen, zxbcdt.device)
             if seq_idx is not None and batch != 1:
                 raise ValueError("packed sequences use the THD layout: one row per micro-batch")
-            xbc = causal_conv1d(
-                xbc.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx, activation="silu"
-            ).transpose(1, 2)
-            x, B, C = xbc.split([self.d_inner_local_tp, groups_state, groups_state], dim=-1)
-            y = ssd_chunk_scan(
-                x.reshape(batch, seqlen, self.nheads_local_tp, self.headdim),
-                dt,
-                -torch.exp(self.A_log.float()),
-                B.reshape(batch, seqlen, self.ngroups_local_tp, self.d_state),
-                C.reshape(batch, seqlen, self.ngroups_local_tp, self.d_state),
-                self.chunk_size,
-                D=self.D,
-                dt_bias=self.dt_bias,
-                dt_softplus=True,
-                dt_limit=self.dt_limit,
-                seq_idx=seq_idx,
-            )
-            y = self.norm(y.reshape(batch, seqlen, self.d_inner_local_tp), z)
+            y = conv_and_scan(xbc, dt, self.conv1d, self.A_log, self.D, self.dt_bias, self.dt_limit, self.chunk_size,
+                              self.nheads_local_tp, self.headdim, self.ngroups_local_tp, self.d_state, seq_idx)
+            y = self.norm(y, z)
             return self.out_proj(y.transpose(0, 1).contiguous().to(hidden_states.dtype))
 
     return LocalMambaMixer

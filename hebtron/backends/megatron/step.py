@@ -24,6 +24,7 @@ from hebtron.backends.megatron.batches import MegatronInputs, to_megatron
 from hebtron.backends.megatron.config_map import MoEBalance, ParallelPlan, Precision, transformer_config
 from hebtron.backends.megatron.convert import gather_from_model, load_into_model
 from hebtron.backends.megatron.model import build_model
+from hebtron.backends.megatron.noise import MegatronNoiseProbe
 from hebtron.backends.megatron.specs import te_available
 from hebtron.errors import CheckpointError
 from hebtron.model.config import HybridConfig
@@ -85,8 +86,6 @@ class MegatronEngine:
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
         self.chunks = self._build_chunks(with_optimizer)
-        from hebtron.backends.megatron.noise import MegatronNoiseProbe
-
         self.noise_probe = MegatronNoiseProbe(self)
         self.optimizer = self._build_optimizer() if with_optimizer else None
 
@@ -142,6 +141,7 @@ class MegatronEngine:
             use_distributed_optimizer=o.distributed_optimizer,
         )
         optimizer = get_megatron_optimizer(config, self.chunks, use_gloo_process_groups=not torch.cuda.is_available())
+
         def finalize(*args: Any, **kwargs: Any) -> None:
             self.noise_probe.before_finalize()  # the last micro-batch's local gradient, before reduction
             finalize_model_grads(*args, **kwargs)

@@ -21,45 +21,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from hebtron.backends.megatron import checkpoint as mcheckpoint
 from hebtron.backends.megatron import runtime
 from hebtron.backends.megatron.config_map import settings_from_recipe
 from hebtron.backends.megatron.noise import unsupported_reason
 from hebtron.backends.megatron.step import MegatronEngine, OptimSettings
+from hebtron.backends.native import ProcessGroupOps
 from hebtron.errors import UserError
 from hebtron.model.config import HybridConfig
 from hebtron.recipe import Recipe
 from hebtron.train.checkpoint import capture_rng
-from hebtron.train.guards import EarlyKillGuard, NanGuard
-from hebtron.train.loop import Trainer, batch_size_control
-from hebtron.train.metrics import MetricsWriter
-from hebtron.train.schedule import TokenSchedule
-from hebtron.train.setup import build_train_data, build_valid_data, load_tokenizer
+from hebtron.train.loop import Trainer
+from hebtron.train.setup import load_tokenizer
 
 
-class MegatronBackend:
-    """What the run loop asks of a backend (rank, reductions, barrier), over Megatron's groups."""
+class MegatronBackend(ProcessGroupOps):
+    """The run loop's view of the process group, over Megatron's engine."""
 
     def __init__(self, engine: MegatronEngine) -> None:
         self.engine = engine
         self.rank, self.world_size = engine.rank, engine.world_size
         self.device = engine.device
         self.distributed = self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
 
     def close(self) -> None:
         self.engine.close()
@@ -105,47 +89,21 @@ class MegatronTrainer(Trainer):
         self.engine = MegatronEngine(self.config, settings.plan, settings.precision, settings.balance, optim,
                                      seed=train.seed)
         self.backend = MegatronBackend(self.engine)
-        if recipe.model.hf_path is not None and resume in (None, "none", "never"):
-            self._load_hf(Path(recipe.model.hf_path))
         per_step = train.micro_batch * self.engine.dp_size
         if train.global_batch % per_step:
             raise UserError(f"recipe: train.global_batch ({train.global_batch}) must be a multiple of "
                             f"micro_batch x data-parallel ranks ({per_step})")
-        self.batch_policy, self.noise = batch_size_control(recipe)
+        self.model = None  # Megatron's model chunks live in self.engine
+        self.optimizer = self.engine.optimizer
+        self._init_run_parts()
         self._noise_blocked = unsupported_reason(settings.plan)
         if recipe.batch_size.policy == "adaptive" and self._noise_blocked:
             raise UserError(f"recipe: batch_size.policy: adaptive needs the gradient noise scale, but {self._noise_blocked}; "
                             "use policy fixed or steps with this plan")
-        self._tokens_per_sequence = 0.0
-        self.model = None  # Megatron's model chunks live in self.engine
-        self.optimizer = self.engine.optimizer
-        self.schedule = TokenSchedule(
-            train.schedule, train.lr, train.min_lr, train.warmup_tokens, recipe.planned_tokens,
-            recipe.decay_token_count if train.schedule == "wsd" else 0, train.decay_shape,
-        )
-        self.data = build_train_data(recipe)
-        self.valid = build_valid_data(recipe)
-        self.nan_guard = NanGuard(train.nan_guard_max_skips)
-        kill = train.early_kill
-        self.early_kill = EarlyKillGuard(kill.window_steps, kill.margin, kill.ema) if kill.enabled else None
         self.moe = None  # Megatron computes the aux losses and updates the expert bias itself
         self.router_monitor, self.router_alarm = self._router_monitor()
-        self.run_dir = Path(recipe.logging.run_dir)
-        self.ckpt_dir = Path(recipe.checkpoint.dir)
-        self.step = 0
-        self.tokens = 0
-        self.val_loss_start: dict[str, float] = {}
-        self._stop_signal: int | None = None
-        resumed_from = self._resolve_resume(resume)
-        if resumed_from is not None:
-            self._load(resumed_from)
-        elif resume not in (None, "none", "never") and recipe.model.hf_path is not None:
-            self._load_hf(Path(recipe.model.hf_path))  # --resume auto on a fresh run
-        self.resumed_from = resumed_from
-        self.metrics = MetricsWriter(
-            self.run_dir, tensorboard=recipe.logging.tensorboard,
-            resume_step=self.step if resumed_from is not None else None, enabled=self.backend.is_main,
-        )
+        if self._open_run(resume) is None and recipe.model.hf_path is not None:
+            self._load_hf(Path(recipe.model.hf_path))  # a fresh run (or --resume auto with no checkpoint yet)
 
     def _load_hf(self, hf_dir: Path) -> None:
         from hebtron.backends.megatron.checkpoint_io import LazyHFState
@@ -268,7 +226,7 @@ class MegatronTrainer(Trainer):
             **self._batch_size_state(),
             "rng": capture_rng(),
             "tokenizer": str(self.recipe.tokenizer.path),
-            "chat_template": self._chat_template(),
+            "chat_template": self._chat_template,
             "world_size": self.backend.world_size,
             "backend": "megatron",
         }

@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: venv test demo bench clean slurm-deps
+.PHONY: venv test test-fast demo bench clean slurm-deps
 
 venv: $(STAMP)
 
@@ -26,6 +26,11 @@ $(STAMP): pyproject.toml
 # and stop.sh); slurm-deps installs slurm-wlm, munge and shellcheck via apt when missing.
 test: venv slurm-deps
 	$(PY) -m pytest tests
+
+# Everything but the tests marked slow (real Slurm, torchrun ranks, Megatron, demo-sized training):
+# a few minutes on 2 cores. `make test` still runs them all.
+test-fast: venv slurm-deps
+	$(PY) -m pytest -m "not slow" tests
 
 slurm-deps:
 	@slurm/local/install-deps.sh

@@ -36,14 +36,14 @@ VAL = "val_loss/he_valid"
 
 def run(name: str, tokens: str, extra: list[str]) -> list[dict]:
     from hebtron.recipe import load_recipe
-    from hebtron.train.loop import Trainer
+    from hebtron.backends.engines import make_trainer
     from hebtron.train.metrics import read_metrics
 
     run_dir = RUNS / name
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = COMMON + [f"train.total_tokens={tokens}", f"logging.run_dir={run_dir}",
                           f"checkpoint.dir={run_dir}/checkpoints"] + extra
-    trainer = Trainer(load_recipe("recipes/demo/cpt.yaml", overrides))
+    trainer = make_trainer(load_recipe("recipes/demo/cpt.yaml", overrides))
     trainer.run()
     trainer.close()
     return read_metrics(run_dir / "metrics.jsonl")
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/batch_size.json"))
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from hebtron.demo import build_inputs
+    from hebtron.demo.run import build_inputs
 
     build_inputs()
     runs = {"fixed 4": run("fixed", args.tokens, [f"batch_size={{policy: fixed, {ESTIMATE}}}"])}

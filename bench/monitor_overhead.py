@@ -33,7 +33,8 @@ import yaml  # noqa: E402
 from hebtron.backends.native import NativeBackend  # noqa: E402
 from hebtron.model import HybridConfig, HybridModel  # noqa: E402
 from hebtron.recipe.schema import MoESection  # noqa: E402
-from hebtron.train.loop import accumulate_gradients, split_rows  # noqa: E402
+from hebtron.backends.native_engine import accumulate_gradients  # noqa: E402
+from hebtron.train.engine import split_rows  # noqa: E402
 from hebtron.train.moe_step import MoEStep  # noqa: E402
 from hebtron.train.optim import build_adamw, clip_grad_norm  # noqa: E402
 

@@ -44,11 +44,11 @@ RESULTS = REPO / "bench" / "results" / "packing.json"
 # ------------------------------------------------------------------------------ data
 def demo_examples(data_dir: Path, tokenizer_dir: Path, seq_len: int) -> list[Encoded]:
     from hebtron.data.chat import ChatReader, ChatTemplate
-    from hebtron.data.sft_demo import build_sft_demo
-    from hebtron.train.setup import load_tokenizer
+    from hebtron.data.tokenizer import load_hf_tokenizer
+    from hebtron.demo.sft_data import build_sft_demo
 
     build_sft_demo(data_dir)
-    reader = ChatReader(ChatTemplate(load_tokenizer(tokenizer_dir)), seq_len, overlong="truncate")
+    reader = ChatReader(ChatTemplate(load_hf_tokenizer(tokenizer_dir)), seq_len, overlong="truncate")
     return list(reader.read(data_dir / "sft_train.jsonl"))
 
 

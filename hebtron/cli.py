@@ -14,11 +14,13 @@ import sys
 
 from hebtron.errors import UserError
 
-# Modules that contribute subcommands; each has register(subparsers).
+# Modules that contribute subcommands; each has register(subparsers). Order matters where a
+# module adds to a group another one made: hebtron.demo.commands adds `data demo`.
 COMMAND_MODULES: list[str] = [
     "hebtron.model.commands",
     "hebtron.recipe.commands",
     "hebtron.data.commands",
+    "hebtron.demo.commands",
     "hebtron.train.commands",
     "hebtron.train.plan_commands",
     "hebtron.eval.commands",
@@ -34,7 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
-
 
 
 def main(argv: list[str] | None = None) -> int:

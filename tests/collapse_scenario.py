@@ -29,7 +29,7 @@ def run_collapse(fixture: Path, run_dir: Path, moe: dict[str, Any], steps: int =
     """Train the skewed model with the given ``moe`` recipe section; returns the metrics records."""
     from hebtron.monitor.skew import language_token_ids, skew_routing
     from hebtron.recipe import load_recipe
-    from hebtron.train.loop import Trainer
+    from hebtron.backends.engines import make_trainer
     from hebtron.train.metrics import read_metrics
 
     path = write_recipe(fixture, run_dir, total_steps=steps, eval_interval=0)
@@ -42,9 +42,9 @@ def run_collapse(fixture: Path, run_dir: Path, moe: dict[str, Any], steps: int =
     recipe["logging"]["log_interval"] = 10**6
     recipe["moe"] = {"monitor": {"interval": 1}, "alarms": [RULE], **moe}
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    trainer = Trainer(load_recipe(path))
+    trainer = make_trainer(load_recipe(path))
     try:
-        skew_routing(trainer.model, language_token_ids(trainer.tokenizer), layers=[SKEWED_LAYER], experts=[0, 1],
+        skew_routing(trainer.engine.model, language_token_ids(trainer.tokenizer), layers=[SKEWED_LAYER], experts=[0, 1],
                      logit=3.0, embed_norm=1.0)
         trainer.run()
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -52,3 +53,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+_HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """Tests that run ``hebtron.cli.main`` or a trainer in this process let it install its
+    SIGTERM/SIGUSR1 handlers (stop at the next step); put pytest's back afterwards, so that a
+    later signal to the test process is not swallowed by a trainer that no longer runs."""
+    before = {sig: signal.getsignal(sig) for sig in _HANDLED_SIGNALS}
+    yield
+    for sig, handler in before.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)

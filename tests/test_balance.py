@@ -18,7 +18,8 @@ from hebtron.backends.native import NativeBackend
 from hebtron.model import HybridConfig, HybridModel
 from hebtron.recipe.schema import MoESection
 from hebtron.train.balance import update_expert_bias
-from hebtron.train.loop import accumulate_gradients, split_rows
+from hebtron.backends.native_engine import accumulate_gradients
+from hebtron.train.engine import split_rows
 from hebtron.train.moe_step import MoEStep
 from tests.conftest import TINY_CONFIGS
 
@@ -183,7 +184,8 @@ sys.path.insert(0, sys.argv[2])
 from safetensors.torch import save_file
 from hebtron.backends.native import NativeBackend
 from hebtron.model import HybridConfig, HybridModel
-from hebtron.train.loop import accumulate_gradients, split_rows
+from hebtron.backends.native_engine import accumulate_gradients
+from hebtron.train.engine import split_rows
 from tests.conftest import TINY_CONFIGS
 from tests.test_balance import mixed_batch, moe_step, SETTINGS
 torch.manual_seed(0)
@@ -255,7 +257,7 @@ def test_resume_restores_bias_alarms_and_monitor_exactly(tmp_path: Path, tmp_pat
     import yaml
 
     from hebtron.recipe import load_recipe
-    from hebtron.train.loop import Trainer
+    from hebtron.backends.engines import make_trainer
     from hebtron.train.metrics import read_metrics
     from tests.collapse_scenario import shared_fixture
     from tests.train_fixtures import TINY_MODEL, write_recipe
@@ -272,7 +274,7 @@ def test_resume_restores_bias_alarms_and_monitor_exactly(tmp_path: Path, tmp_pat
                     "raise_factor": 3, "max_coeff": 5e-3}],
     }
     path.write_text(yaml.safe_dump(recipe))
-    Trainer(load_recipe(path)).run()
+    make_trainer(load_recipe(path)).run()
     reference = read_metrics(tmp_path / "run")
     fired = [r for r in reference if "router_alarm" in r]
     assert fired and "raised to" in fired[0]["router_alarm"][0]
@@ -281,7 +283,7 @@ def test_resume_restores_bias_alarms_and_monitor_exactly(tmp_path: Path, tmp_pat
     state = json.loads((ckpt / "trainer_state.json").read_text())["extra"]["moe"]
     assert sum(state["monitor"]["tokens"]) > 0
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000008")
-    Trainer(load_recipe(path), resume=str(ckpt)).run()
+    make_trainer(load_recipe(path), resume=str(ckpt)).run()
     resumed = read_metrics(tmp_path / "run")
     assert [r["step"] for r in resumed] == list(range(1, 11))
     for ours, theirs in zip(resumed, reference, strict=True):

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from hebtron.train.batch_size import BatchSizePolicy, NoiseScaleEstimator, lr_scale_for, parse_ramp
+from hebtron.recipe.units import parse_ramp
+from hebtron.train.batch_size import BatchSizePolicy, NoiseScaleEstimator, lr_scale_for
 from hebtron.train.plan import make_plan
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hebtron.recipe import load_recipe
-from hebtron.train.loop import Trainer
+from hebtron.backends.engines import make_trainer
 from hebtron.train.metrics import read_metrics
 from tests.train_fixtures import build_training_fixture, write_recipe
 
@@ -29,8 +29,9 @@ import json, math, sys, torch
 sys.path.insert(0, sys.argv[2])
 from hebtron.backends.native import NativeBackend
 from hebtron.model import HybridConfig, HybridModel
-from hebtron.train.loop import accumulate_gradients, split_rows
-from hebtron.train.noise_probe import GradientNoiseProbe
+from hebtron.backends.native_engine import accumulate_gradients
+from hebtron.train.engine import split_rows
+from hebtron.backends.native_noise import GradientNoiseProbe
 from hebtron.train.optim import clip_grad_norm
 from tests.conftest import TINY_CONFIGS
 from tests.test_train_loop import _varied_batch
@@ -55,6 +56,7 @@ backend.close()
 """
 
 
+@pytest.mark.slow
 def test_two_ranks_measure_the_same_noise_as_one(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(PROBE_SCRIPT)
@@ -83,7 +85,7 @@ def _adaptive(fixture_dir: Path, run: Path) -> Path:
 
 
 def test_adaptive_grows_batch_scales_lr_and_resumes_exactly(fixture_dir, tmp_path):
-    Trainer(load_recipe(_adaptive(fixture_dir, tmp_path / "full"))).run()
+    make_trainer(load_recipe(_adaptive(fixture_dir, tmp_path / "full"))).run()
     records = read_metrics(tmp_path / "full" / "metrics.jsonl")
     sizes = [r["global_batch"] for r in records]
     assert sizes[0] == 4 and sizes == sorted(sizes) and sizes[-1] > 4, sizes
@@ -94,8 +96,8 @@ def test_adaptive_grows_batch_scales_lr_and_resumes_exactly(fixture_dir, tmp_pat
     assert "noise/b_simple_tokens" in records[-1]
 
     recipe = _adaptive(fixture_dir, tmp_path / "resumed")
-    Trainer(load_recipe(recipe, ["train.total_steps=8"])).run()  # stops mid-ramp with a checkpoint at step 8
-    Trainer(load_recipe(recipe), resume="auto").run()
+    make_trainer(load_recipe(recipe, ["train.total_steps=8"])).run()  # stops mid-ramp with a checkpoint at step 8
+    make_trainer(load_recipe(recipe), resume="auto").run()
     again = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
     assert [r["global_batch"] for r in again] == sizes
     assert [r["loss"] for r in again] == [r["loss"] for r in records]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hebtron.data.cpt import CPTBatches, Phase, Source, ValidationBatches
-from hebtron.data.lang import LANG_IDS, UNKNOWN_LANG
+from hebtron.lang import LANG_IDS, UNKNOWN_LANG
 from hebtron.errors import UserError
 
 EOS = 2

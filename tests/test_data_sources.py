@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from hebtron.data import demo_corpus, sources
+from hebtron.demo import corpus, sources
+from hebtron.demo.packages import PACKAGES, cached, default_cache
 from hebtron.data.text import clean_text, split_train_valid
 from hebtron.errors import UserError
 
@@ -193,10 +194,10 @@ def test_split_is_seeded_disjoint_and_complete():
 
 def test_demo_corpus_from_package_files(tmp_path, packages):
     out = tmp_path / "demo"
-    m = demo_corpus.build_demo_corpus(out, seed=1, valid_fraction=0.3, package_paths=packages)
+    m = corpus.build_demo_corpus(out, seed=1, valid_fraction=0.3, package_paths=packages)
     assert not m["skipped"]
     records = {n: [json.loads(line) for line in (out / f"{n}.jsonl").open(encoding="utf-8")]
-               for n in demo_corpus.SPLIT_FILES}
+               for n in corpus.SPLIT_FILES}
     for name, recs in records.items():
         lang = name.split("_")[0]
         assert recs and all(r["lang"] == lang and r["text"] for r in recs)
@@ -205,36 +206,32 @@ def test_demo_corpus_from_package_files(tmp_path, packages):
     texts = [r["text"] for recs in records.values() for r in recs]
     assert len(texts) == len(set(texts))
     sources_seen = {r["source"] for recs in records.values() for r in recs}
-    assert sources_seen == set(demo_corpus.SOURCE_INFO)
+    assert sources_seen == set(corpus.SOURCE_INFO)
     pairs = [json.loads(line) for line in (out / "ui_pairs.jsonl").open(encoding="utf-8")]
     assert {"en": "Save", "he": "שמירה", "source": "jupyterlab"} in pairs
     manifest = json.loads((out / "manifest.json").read_text())
     assert "CC BY-NC-SA" in manifest["sources"]["ud-hebrew-htb"]["license"]
 
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    again = demo_corpus.build_demo_corpus(out, seed=1, valid_fraction=0.3, package_paths=packages)
+    again = corpus.build_demo_corpus(out, seed=1, valid_fraction=0.3, package_paths=packages)
     assert again["skipped"]
-    demo_corpus.build_demo_corpus(out, seed=1, valid_fraction=0.3, package_paths=packages, force=True)
+    corpus.build_demo_corpus(out, seed=1, valid_fraction=0.3, package_paths=packages, force=True)
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     assert {k: v for k, v in after.items() if k != "manifest.json"} == \
         {k: v for k, v in before.items() if k != "manifest.json"}
-    assert not demo_corpus.is_built(out, seed=2, valid_fraction=0.3)
+    assert not corpus.is_built(out, seed=2, valid_fraction=0.3)
 
 
 def _real_cache() -> Path | None:
-    cache = demo_corpus.default_cache()
-    for spec in demo_corpus.PACKAGES:
-        path = cache / "packages" / spec.filename
-        if not path.exists() or sources._sha256(path) != spec.sha256:
-            return None
-    return cache
+    cache = default_cache()
+    return cache if all(cached(spec, cache) for spec in PACKAGES) else None
 
 
 @pytest.mark.skipif(_real_cache() is None, reason="package cache not filled (run `hebtron data demo` once)")
 def test_real_demo_corpus_builds_fast_and_idempotent(tmp_path):
     t0 = time.perf_counter()
-    m = demo_corpus.build_demo_corpus(tmp_path / "demo", _real_cache())
+    m = corpus.build_demo_corpus(tmp_path / "demo", _real_cache())
     assert time.perf_counter() - t0 < 60
     assert m["files"]["he_train.jsonl"]["docs"] > 1000 and m["files"]["en_valid.jsonl"]["docs"] > 0
     assert m["files"]["ui_pairs.jsonl"]["pairs"] > 1000
-    assert demo_corpus.build_demo_corpus(tmp_path / "demo", _real_cache())["skipped"]
+    assert corpus.build_demo_corpus(tmp_path / "demo", _real_cache())["skipped"]

@@ -86,7 +86,7 @@ def write_suite(path: Path, tasks_dir: Path, **fields) -> Path:
 @pytest.fixture(scope="session")
 def eval_env(tmp_path_factory) -> dict[str, Path]:
     """Tiny checkpoint, mini suite (built from a synthetic corpus) and a suite file using it."""
-    from hebtron.eval.minisuite import build_mini_suite
+    from hebtron.demo.minisuite import build_mini_suite
 
     root = tmp_path_factory.getbasetemp() / "eval_env"  # shared by every module that imports this fixture
     ckpt = build_tiny_checkpoint(root / "model")

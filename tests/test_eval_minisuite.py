@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from hebtron.errors import UserError
-from hebtron.eval.minisuite import GROUP, TASKS, build_mini_suite, translation_prompt
+from hebtron.demo.minisuite import GROUP, TASKS, build_mini_suite, translation_prompt
 from tests.test_eval_fixtures import write_demo_corpus
 
 
@@ -65,7 +65,7 @@ def test_translation_prompt_is_the_sft_chat_prompt():
     from lm_eval.utils import apply_template
 
     from hebtron.data.chat import DEFAULT_TEMPLATE
-    from hebtron.data.sft_demo import translation_messages
+    from hebtron.demo.sft_data import translation_messages
 
     rendered = apply_template(translation_prompt(), {"en": "Open file"})  # as lm-eval renders doc_to_text
     expected = jinja2.Environment().from_string(DEFAULT_TEMPLATE).render(

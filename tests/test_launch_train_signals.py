@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hebtron.train.checkpoint import find_latest
+from hebtron.checkpoints import find_latest
 from hebtron.train.commands import STOPPED_EXIT_CODE
 
 from tests.train_fixtures import build_training_fixture, write_recipe
@@ -67,6 +67,7 @@ def _catches(pid: int, sig: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_usr1_checkpoints_and_exits_75(fixture_dir, tmp_path):
     run = tmp_path / "run"
     recipe = write_recipe(fixture_dir, run, **LONG)
@@ -108,6 +109,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(fixture_dir, tmp_path):
     """Slurm may signal ranks at different moments; they must still checkpoint together."""
     run = tmp_path / "run"

@@ -60,6 +60,7 @@ def test_unmappable_tensors_are_an_error_not_a_silent_drop():
         hf_to_megatron(model.state_dict(), model.config)
 
 
+@pytest.mark.slow
 def test_convert_commands_round_trip_through_a_distributed_checkpoint(tmp_path):
     model = _model("nano-like")
     save_hf(model, tmp_path / "hf")

@@ -12,7 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # two torchrun ranks of Megatron-Core
 
 CONFIG = dict(
     vocab_size=96, hidden_size=64, hybrid_override_pattern="M*-EME", mamba_num_heads=8, mamba_head_dim=16,

@@ -10,7 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # Megatron-Core in a child process
 
 # every layer type, sigmoid router with expert bias, group-limited routing, shared expert, GQA 4:2
 CONFIG = dict(

@@ -1,6 +1,12 @@
 """``backend: megatron`` through hebtron's training loop: from the same HF weights, 2 gloo ranks
 at tp=2 train with the losses and the router-monitor figures of the native loop, checkpoint as
-Megatron distributed checkpoints, and ``--resume auto`` continues at another layout (tp=1, dp=2)."""
+Megatron distributed checkpoints, and ``--resume auto`` continues at another layout (tp=1, dp=2)
+with the losses of an uninterrupted native run.
+
+Tolerance: losses within 2e-4 relative of the native loop. The layout parity tests
+(tests/test_megatron_parity.py, test_megatron_parallel.py) hold losses within 1e-4 absolute
+(about 2e-5 relative on losses near ln(96) = 4.6) after one step; the dp=2 ramp-and-resume test
+below holds 2e-4 relative over four steps and a resume, which a few optimizer steps need."""
 
 from __future__ import annotations
 
@@ -17,12 +23,11 @@ import torch
 from hebtron.model.config import HybridConfig
 from hebtron.model.decoder import HybridModel
 from hebtron.model.hf import save_hf
-from hebtron.recipe import load_recipe
-from hebtron.train.loop import make_trainer
+from hebtron.cli import main as hebtron_main
 from tests.train_fixtures import TINY_MODEL, build_training_fixture, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:megatron.*")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning:megatron.*")]  # slow: torchrun ranks of Megatron-Core
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +50,11 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {step: r["loss"] for step, r in _records(run_dir).items()}
 
 
+def _native(recipe: Path, *overrides: str) -> None:
+    """The native loop in this process, through the CLI's entry point."""
+    assert hebtron_main(["train", str(recipe), *overrides]) == 0
+
+
 def _torchrun(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
@@ -58,22 +68,23 @@ def test_megatron_loop_matches_native_and_resumes_at_another_layout(fixture_dir,
     config = HybridConfig(**{**TINY_MODEL, "n_groups": 2, "vocab_size": 400})
     torch.manual_seed(3)
     save_hf(HybridModel(config), tmp_path / "start")
-    recipe = write_recipe(fixture_dir, tmp_path / "native", total_steps=2, eval_interval=0)
+    # constant LR: the first Megatron run stops at step 2 of 4 (total_steps=2), and a wsd or cosine
+    # curve would then differ from the 4-step native reference; warmup (1 step) does not depend on it
+    recipe = write_recipe(fixture_dir, tmp_path / "native", total_steps=4, eval_interval=0, schedule="constant")
     hf = [f"model.hf_path={tmp_path / 'start'}", "model.init=null", "moe.monitor.interval=2"]
 
-    native = make_trainer(load_recipe(recipe, hf))
-    native.run()
-    native.close()
+    _native(recipe, *hf)
     reference = _losses(tmp_path / "native")
+    assert sorted(reference) == [1, 2, 3, 4]
 
     mega_dir = tmp_path / "mega"
     common = [*hf, "backend=megatron", f"logging.run_dir={mega_dir}", f"checkpoint.dir={mega_dir / 'ckpt'}"]
-    proc = _torchrun(recipe, *common, "parallel.tp=2", "parallel.dp=1")
+    proc = _torchrun(recipe, *common, "parallel.tp=2", "parallel.dp=1", "train.total_steps=2")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     ours = _losses(mega_dir)
     assert sorted(ours) == [1, 2]
-    for step, loss in reference.items():
-        assert abs(ours[step] - loss) < 2e-4 * loss, (step, ours, reference)
+    for step in (1, 2):
+        assert abs(ours[step] - reference[step]) < 2e-4 * reference[step], (step, ours, reference)
     native_router, mega_router = _records(tmp_path / "native")[2]["router"], _records(mega_dir)[2]["router"]
     for lang in ("he", "en", "all"):  # Megatron's routers, each TP rank seeing half the sequence, summed
         theirs, mine = native_router["layer_2"][lang], mega_router["layer_2"][lang]
@@ -83,11 +94,15 @@ def test_megatron_loop_matches_native_and_resumes_at_another_layout(fixture_dir,
     ckpt = mega_dir / "ckpt" / "step_00000002"
     assert (ckpt / "megatron" / "metadata.json").is_file() and (ckpt / "COMPLETE").is_file()
 
-    proc = _torchrun(recipe, *common, "parallel.dp=2", "train.total_steps=3", "--resume", "auto")
+    # resumed at tp=1, dp=2: step 3's loss checks the resharded weights and the data position,
+    # step 4's the optimizer state (Adam moments and step count) carried through the checkpoint
+    proc = _torchrun(recipe, *common, "parallel.dp=2", "--resume", "auto")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "resumed from" in proc.stdout and "step_00000002" in proc.stdout
     resumed = _losses(mega_dir)
-    assert sorted(resumed) == [1, 2, 3] and all(loss == loss for loss in resumed.values())
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert abs(resumed[step] - reference[step]) < 2e-4 * reference[step], (step, resumed, reference)
 
 
 def test_megatron_loop_follows_the_batch_size_policy_and_measures_noise_like_native(fixture_dir, tmp_path):
@@ -107,9 +122,7 @@ def test_megatron_loop_follows_the_batch_size_policy_and_measures_noise_like_nat
                           warmup_tokens=0)  # the first Megatron run stops at step 2: same LR whatever the plan
     common = [f"model.hf_path={tmp_path / 'start'}", "model.init=null",
               "batch_size={policy: steps, ramp: '0:8 512:16', measure_interval: 1, lr_scaling: sqrt}"]
-    native = make_trainer(load_recipe(recipe, common))
-    native.run()
-    native.close()
+    _native(recipe, *common)
     reference = _records(tmp_path / "native")
 
     mega_dir = tmp_path / "mega"

@@ -24,6 +24,7 @@ def fixture_dir(tmp_path_factory) -> Path:
     return shared_fixture(tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_collapse_alarm_then_aux_loss_recovers(fixture_dir: Path, tmp_path: Path) -> None:
     from hebtron.monitor.plots import entropy_lines
     from hebtron.train.report import write_report

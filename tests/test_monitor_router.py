@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hebtron.data.lang import LANG_IDS
+from hebtron.lang import LANG_IDS
 from hebtron.monitor.alarm import CollapseAlarm
 from hebtron.monitor.router import (
     NUM_SLOTS,
@@ -168,13 +168,13 @@ def probe_inputs(tmp_path_factory) -> tuple[Path, Path]:
     from hebtron.model import HybridConfig, HybridModel
     from hebtron.model.hf import save_hf
     from hebtron.monitor.skew import language_token_ids, skew_routing
-    from hebtron.train.setup import load_tokenizer
+    from hebtron.data.tokenizer import load_hf_tokenizer
     from tests.collapse_scenario import shared_fixture
     from tests.train_fixtures import TINY_MODEL
 
     root = tmp_path_factory.mktemp("probe")
     fixture = shared_fixture(tmp_path_factory)
-    tok = load_tokenizer(fixture / "tokenizer")
+    tok = load_hf_tokenizer(fixture / "tokenizer")
     torch.manual_seed(0)
     model = HybridModel(HybridConfig(**{**TINY_MODEL, "hybrid_override_pattern": "M*EME", "n_routed_experts": 8,
                                         "vocab_size": len(tok)}))

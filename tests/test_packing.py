@@ -142,16 +142,14 @@ def test_sample_averaging_weighs_each_conversation_once():
                 assert torch.allclose(ws, torch.full_like(ws, 1.0 / ws.numel()))
 
 
-def test_pad_to_multiple_and_fixed_cu_seqlens():
+def test_pad_to_multiple():
     examples, _ = _one_row()
     rows = pack(examples, seq_len=16, pad_id=3, multiple_of=4)
-    batch = collate(rows, cu_seqlens_size=8)
+    batch = collate(rows)
     assert rows[0].doc_lens.tolist() == [8, 4]
-    assert batch["cu_seqlens"].tolist() == [0, 8, 12, 16, 16, 16, 16, 16]
+    assert batch["cu_seqlens"].tolist() == [0, 8, 12, 16]
     assert batch["seq_idx"].tolist() == [[0] * 8 + [1] * 4 + [2] * 4]
     assert batch["labels"][0, 4:8].tolist() == [-100] * 4  # padding inside a conversation carries no loss
-    with pytest.raises(ValueError, match="cu_seqlens_size 3"):
-        collate(rows, cu_seqlens_size=3)
     with pytest.raises(ValueError, match="multiple"):
         pack(examples, seq_len=10, multiple_of=4)
 

@@ -1,7 +1,14 @@
-"""``hebtron recipe show|schema`` as a user runs them: exit codes, one-line errors, no tracebacks."""
+"""``hebtron recipe show|schema`` as a user runs them: exit codes, one-line errors, no tracebacks.
+
+The commands run in this process through ``hebtron.cli.main`` (what the ``hebtron`` script and
+``python -m hebtron.cli`` call), with stdout and stderr captured; an exception that escapes
+``main`` fails the test like a traceback would. One test runs the real ``python -m hebtron.cli``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -10,15 +17,20 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hebtron.cli import main
 from tests.test_recipe_helpers import valid_tree, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def hebtron(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hebtron.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse usage errors
+            code = exit_.code if isinstance(exit_.code, int) else 2
+    return subprocess.CompletedProcess(["hebtron", *args], code, out.getvalue(), err.getvalue())
 
 
 def test_show_prints_the_resolved_recipe(tmp_path: Path) -> None:
@@ -81,3 +93,13 @@ def test_schema_is_json_for_editors() -> None:
     assert run.returncode == 0, run.stderr
     schema = json.loads(run.stdout)
     assert "extends" in schema["properties"] and "train" in schema["properties"]
+
+
+def test_python_m_hebtron_cli_is_the_same_command(tmp_path: Path) -> None:
+    """The module entry point in a real process: exit code 2 and one line for a bad recipe."""
+    path = write_recipe(tmp_path)
+    path.write_text(path.read_text() + "train: [\n")
+    run = subprocess.run([sys.executable, "-m", "hebtron.cli", "recipe", "show", str(path)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stdout == "" and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith(f"error: {path}:") and run.stderr.count("\n") == 1

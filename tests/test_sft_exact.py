@@ -15,7 +15,8 @@ from hebtron.backends.native import NativeBackend
 from hebtron.data.chat import encode_chat
 from hebtron.data.packing import Encoded, collate, pack
 from hebtron.model import HybridConfig, HybridModel
-from hebtron.train.loop import accumulate_gradients, split_rows
+from hebtron.backends.native_engine import accumulate_gradients
+from hebtron.train.engine import split_rows
 from tests.conftest import TINY_CONFIGS
 from tests.sft_fixtures import build_chat_tokenizer, conversation
 

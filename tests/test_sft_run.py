@@ -14,7 +14,7 @@ from hebtron.data.packing import PackedRows, pack
 from hebtron.data.sft import SFTBatches
 from hebtron.errors import UserError
 from hebtron.recipe import load_recipe
-from hebtron.train.loop import Trainer
+from hebtron.backends.engines import make_trainer
 from hebtron.train.metrics import read_metrics
 from tests.sft_fixtures import build_chat_tokenizer, chat_records, write_chat_jsonl, write_sft_recipe
 from tests.test_packing import _examples
@@ -84,7 +84,7 @@ def test_sft_recipe_checks(fx, tmp_path):
 def test_sft_runs_learns_and_resumes_bitwise(fx, tmp_path):
     root, tok, train, valid = fx
     recipe = load_recipe(write_sft_recipe(tmp_path, tmp_path / "a", train, valid, tok))
-    trainer = Trainer(recipe)
+    trainer = make_trainer(recipe)
     assert trainer.data.phase_name == "sft" and trainer.data.reports[0].pack.fill > 0.9
     result = trainer.run()
     assert result.steps == 8
@@ -92,7 +92,7 @@ def test_sft_runs_learns_and_resumes_bitwise(fx, tmp_path):
     ref = read_metrics(tmp_path / "a" / "metrics.jsonl")
     assert all(0 < r["loss_tokens"] < 8 * 128 for r in ref)
     # a new run resumed from the step-4 checkpoint repeats steps 5-8 bit for bit
-    resumed = Trainer(load_recipe(write_sft_recipe(tmp_path, tmp_path / "b", train, valid, tok)),
+    resumed = make_trainer(load_recipe(write_sft_recipe(tmp_path, tmp_path / "b", train, valid, tok)),
                       resume=str(tmp_path / "a" / "checkpoints" / "step_00000004"))
     resumed.run()
     again = read_metrics(tmp_path / "b" / "metrics.jsonl")
@@ -104,7 +104,7 @@ def test_sample_averaging_runs_through_the_loop(fx, tmp_path):
     root, tok, train, valid = fx
     recipe = load_recipe(write_sft_recipe(tmp_path, tmp_path / "s", train, valid, tok,
                                           sft={"loss_average": "sample"}, total_steps=2, eval_interval=0))
-    trainer = Trainer(recipe)
+    trainer = make_trainer(recipe)
     fresh = SFTBatches([(trainer.data.names[0], trainer.data.pools[0], 1.0)], seed=recipe.train.seed,
                        loss_average="sample")
     batch = fresh.next_batch(8)  # what the trainer's first step sees
@@ -124,7 +124,7 @@ def test_pack_command_and_sft_from_packed_file_and_checkpoint(fx, tmp_path, caps
     assert "160 conversations ->" in out and "fill" in out
     from_jsonl = load_recipe(write_sft_recipe(tmp_path, tmp_path / "j", train, valid, tok))
     from_packed = load_recipe(write_sft_recipe(tmp_path, tmp_path / "p", packed, valid, tok))
-    a, b = Trainer(from_jsonl).data.next_batch(8), Trainer(from_packed).data.next_batch(8)
+    a, b = make_trainer(from_jsonl).data.next_batch(8), make_trainer(from_packed).data.next_batch(8)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     # hebtron sft: run, then a second SFT that starts from the first one's checkpoints directory
@@ -149,12 +149,12 @@ def test_pack_command_and_sft_from_packed_file_and_checkpoint(fx, tmp_path, caps
     recipe.write_text(raw)
     loaded = load_recipe(recipe)
     assert loaded.model.hf_path == ckpts / "step_00000002"
-    trainer = Trainer(loaded)
-    assert len(trainer.tokenizer) == len(Trainer(from_jsonl).tokenizer)
+    trainer = make_trainer(loaded)
+    assert len(trainer.tokenizer) == len(make_trainer(from_jsonl).tokenizer)
     from hebtron.model.hf import load_hf
 
     start = load_hf(ckpts / "step_00000002")
-    for (name, p), q in zip(trainer.model.named_parameters(), start.parameters(), strict=True):
+    for (name, p), q in zip(trainer.engine.model.named_parameters(), start.parameters(), strict=True):
         assert torch.equal(p, q), name
 
 
@@ -178,7 +178,7 @@ def test_pack_reports_bad_data_or_stops_in_strict_mode(fx, tmp_path, capsys):
     recipe = load_recipe(write_sft_recipe(tmp_path, tmp_path / "r", tmp_path / "ok.parquet", valid, tok),
                          ["data.seq_len=64"])
     with pytest.raises(UserError, match="packed with seq_len 128, but this run uses 64"):
-        Trainer(recipe)
+        make_trainer(recipe)
 
 
 def test_sft_command_refuses_a_cpt_recipe_and_indexed_sources(fx, tmp_path, capsys):

@@ -31,6 +31,7 @@ from tests.test_eval_fixtures import build_tiny_checkpoint, write_demo_corpus, w
 from tests.train_fixtures import build_training_fixture, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a real Slurm, jobs of minutes
 START, STOP = REPO / "slurm" / "local" / "start.sh", REPO / "slurm" / "local" / "stop.sh"
 NEEDED = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel")
 # One recipe for the reference and the interrupted runs: a constant LR and no step budget, so
@@ -168,7 +169,7 @@ def jobs(cluster, tmp_path_factory):
     eval_root = tmp_path_factory.getbasetemp() / "slurm_eval"
     baseline = build_tiny_checkpoint(eval_root / "baseline")
     write_demo_corpus(eval_root / "data")
-    from hebtron.eval.minisuite import build_mini_suite
+    from hebtron.demo.minisuite import build_mini_suite
 
     build_mini_suite(eval_root / "data", eval_root / "eval")
     suite = write_suite(eval_root / "tiny.yaml", eval_root / "eval" / "tasks", limit=4)

@@ -1,4 +1,6 @@
-"""Atomic checkpoints: bitwise round trip, crashes at every point of a save, pruning, damage."""
+"""Atomic checkpoints: bitwise round trip, crashes at every point of a save, pruning, damage.
+
+(What other commands may do to a save in progress: tests/test_checkpoint_layout.py.)"""
 
 from __future__ import annotations
 
@@ -18,10 +20,9 @@ import pytest
 import torch
 from torch import nn
 
+from hebtron.checkpoints import checkpoint_problem, find_latest, list_checkpoints, mark_keep, scratch_tag
 from hebtron.errors import CheckpointError
-from hebtron.train import checkpoint as ck
-from hebtron.train.checkpoint import (capture_rng, find_latest, list_checkpoints, load_checkpoint,
-                                      mark_keep, prune_checkpoints, restore_rng, save_checkpoint)
+from hebtron.train.checkpoint import capture_rng, load_checkpoint, prune_checkpoints, restore_rng, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,7 +120,7 @@ def test_failed_rename_keeps_previous_checkpoint(tmp_path: Path, monkeypatch) ->
         save(tmp_path, 2)
     monkeypatch.undo()
     assert find_latest(tmp_path) == tmp_path / "step_00000001"
-    assert (tmp_path / f"step_00000002.tmp-{os.getpid()}").exists()
+    assert (tmp_path / f"step_00000002.tmp-{scratch_tag()}").exists()
     save(tmp_path, 3)  # the next save sweeps our own leftover
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["latest", "step_00000001", "step_00000003"]
@@ -135,7 +136,7 @@ CRASH_SCRIPT = textwrap.dedent("""
 
     ck.save_checkpoint(root, 1, {"w": torch.ones(256, 256)}, {"s": 1}, {"tokens": 1})
     if point == "model_written":
-        ck._fsync_file = die               # right after model.safetensors is written
+        ck.fsync_file = die                # right after model.safetensors is written
     elif point == "before_rename":
         os.rename = die                    # tmp dir complete, not yet renamed
     elif point == "before_latest":
@@ -159,13 +160,16 @@ def test_sigkill_during_save_never_exposes_incomplete(tmp_path: Path, point: str
     assert any(".tmp-" in p.name or ".trash-" in p.name for p in tmp_path.iterdir()) or \
         point == "before_latest"
     pointed = tmp_path / (tmp_path / "latest").read_text().strip()
-    assert ck.checkpoint_problem(pointed) is None  # the pointer itself, before any fallback
+    assert checkpoint_problem(pointed) is None  # the pointer itself, before any fallback
+    scratch = sorted(p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".trash-" in p.name)
     latest = find_latest(tmp_path)
     assert latest == pointed == tmp_path / f"step_{expected_step:08d}"
     model_state, optim_state, extra = load_checkpoint(latest)
     assert torch.all(model_state["w"] == expected_step)
     assert optim_state == {"s": expected_step} and extra["tokens"] == expected_step
-    # stale scratch directories of the dead writer are gone
+    # looking and loading leave the dead writer's scratch alone; the next save removes it
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".trash-" in p.name) == scratch
+    save(tmp_path, 3)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".trash-" in p.name]
 
 
@@ -194,7 +198,7 @@ def test_sigkill_at_arbitrary_moment(tmp_path: Path, delay: float) -> None:
         proc.kill()
         proc.wait(timeout=60)
     pointed = tmp_path / (tmp_path / "latest").read_text().strip()
-    assert ck.checkpoint_problem(pointed) is None
+    assert checkpoint_problem(pointed) is None
     latest = find_latest(tmp_path)
     assert latest == pointed
     model_state, optim_state, extra = load_checkpoint(latest)
@@ -300,13 +304,16 @@ def test_scratch_of_live_writer_is_left_alone(tmp_path: Path) -> None:
     save(tmp_path, 1)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        live = tmp_path / f"step_00000002.tmp-{sleeper.pid}"
+        live = tmp_path / f"step_00000002.tmp-{scratch_tag(sleeper.pid)}"
         live.mkdir()
         assert find_latest(tmp_path) == tmp_path / "step_00000001"
+        save(tmp_path, 3)
         assert live.exists()
     finally:
         sleeper.kill()
         sleeper.wait()
     find_latest(tmp_path)
-    assert not live.exists()
-    assert ck.checkpoint_problem(tmp_path / "step_00000001") is None
+    assert live.exists()  # a lookup never deletes
+    save(tmp_path, 4)
+    assert not live.exists()  # the next writer does, once the writer is gone
+    assert checkpoint_problem(tmp_path / "step_00000001") is None

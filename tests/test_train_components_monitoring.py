@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hebtron.monitor.plots import line_figure
 from hebtron.train import report
 from hebtron.train.guards import EarlyKillGuard, NanGuard, TrainingAborted
 from hebtron.train.metrics import MetricsWriter, Progress, read_metrics, truncate_metrics
@@ -215,7 +216,7 @@ def test_report_writes_pngs_and_accepts_new_plots(tmp_path: Path, monkeypatch) -
 
     def router_plot(records, run_dir):
         seen["n"] = len(records)
-        return report.line_figure("router", "x", {"a": ([1.0, 2.0], [3.0, 4.0])})
+        return line_figure("router", "x", {"a": ([1.0, 2.0], [3.0, 4.0])})
 
     monkeypatch.setitem(report.PLOTS, "router_entropy", router_plot)
     paths = report.write_report(tmp_path)

@@ -75,20 +75,51 @@ def test_lr_scale_multiplies_and_round_trips() -> None:
     assert fresh.lr(900) == s.lr(900)
 
 
+def _closed_form_wsd(t: float) -> float:
+    """wsd() by hand: warmup 0..100 linear, flat to 800, linear decay to FLOOR at 1000."""
+    if t < 100:
+        return PEAK * t / 100
+    if t < 800:
+        return PEAK
+    if t < 1000:
+        return FLOOR + (PEAK - FLOOR) * (1 - (t - 800) / 200)
+    return FLOOR
+
+
+def _closed_form_cosine(t: float) -> float:
+    """Cosine with warmup 100 and total 1100, by hand."""
+    if t < 100:
+        return PEAK * t / 100
+    if t < 1100:
+        return FLOOR + 0.5 * (PEAK - FLOOR) * (1 + math.cos(math.pi * (t - 100) / 1000))
+    return FLOOR
+
+
 def test_changing_batch_size_does_not_distort_schedule() -> None:
-    """Same token counts give the same LRs whatever step sizes reached them."""
+    """The LR follows tokens, not steps: with a batch that grows 5x at 300 tokens, each step's LR
+    is the closed-form curve at the tokens consumed so far (a step-based schedule, or one that
+    counted only the first batch size, would land elsewhere)."""
+    batches = [10] * 30 + [50] * 14  # 300 tokens in 30 steps, then 700 in 14
+    tokens = [sum(batches[: i + 1]) for i in range(len(batches))]
+    assert tokens[29] == 300 and tokens[-1] == 1000
+    for schedule, closed_form in ((wsd(), _closed_form_wsd),
+                                  (TokenSchedule("cosine", PEAK, FLOOR, warmup_tokens=100, total_tokens=1100),
+                                   _closed_form_cosine)):
+        for t in tokens:
+            assert schedule.lr(t) == pytest.approx(closed_form(t), rel=1e-12, abs=1e-15), t
+    # a few steps by hand (step index -> tokens): 0 -> 10, 30 -> 350, 40 -> 850, 43 -> 1000
     s = wsd()
-    small, big = [], []
-    t = 0
-    while t < 1000:
-        t += 10
-        small.append((t, s.lr(t)))
-    t = 0
-    for batch in [10] * 30 + [50] * 14:  # batch grows 5x at 300 tokens
-        t += batch
-        big.append((t, s.lr(t)))
-    lookup = dict(small)
-    assert all(lookup[tok] == lr for tok, lr in big)
+    assert s.lr(tokens[0]) == pytest.approx(1e-4, rel=1e-12)           # warmup: 1e-3 * 10/100
+    assert s.lr(tokens[30]) == pytest.approx(PEAK, rel=1e-12)          # 350: stable
+    assert s.lr(tokens[40]) == pytest.approx(7.525e-4, rel=1e-12)      # 850: 1e-5 + 0.99e-3 * 0.75
+    assert s.lr(tokens[42]) == pytest.approx(2.575e-4, rel=1e-12)      # 950: 1e-5 + 0.99e-3 * 0.25
+    assert s.lr(tokens[43]) == pytest.approx(FLOOR, rel=1e-12)         # 1000: end of decay
+    c = TokenSchedule("cosine", PEAK, FLOOR, warmup_tokens=100, total_tokens=1100)
+    assert c.lr(tokens[35]) == pytest.approx(5.05e-4, rel=1e-12)       # 600: halfway, (PEAK + FLOOR) / 2
+    assert c.lr(tokens[43]) == pytest.approx(1e-5 + 0.495e-3 * (1 + math.cos(0.9 * math.pi)), rel=1e-12)
+    # the step-based reading differs: step 40 of 44 would be 91% through the run in steps, but only
+    # 850 / 1000 tokens have been consumed; the scheduler must not use the step fraction
+    assert s.lr(tokens[40]) != pytest.approx(_closed_form_wsd(1000 * 41 / 44))
 
 
 @pytest.mark.parametrize("kwargs", [

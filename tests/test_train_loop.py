@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from hebtron.recipe import load_recipe
+from hebtron.backends.engines import make_trainer
+from hebtron.backends.native_engine import NativeEngine
 from hebtron.train.loop import Trainer
 from hebtron.train.metrics import read_metrics
 from tests.train_fixtures import build_training_fixture, write_recipe
@@ -32,9 +34,11 @@ def _cli(*args: str, **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
 
 
+@pytest.mark.slow
 def test_run_trains_checkpoints_and_logs(fixture_dir, tmp_path):
     recipe = load_recipe(write_recipe(fixture_dir, tmp_path / "run"))
-    trainer = Trainer(recipe)
+    trainer = make_trainer(recipe)
+    assert type(trainer) is Trainer and type(trainer.engine) is NativeEngine  # one loop for every engine
     result = trainer.run()
     assert result.steps == 12 and result.tokens == 12 * 8 * 32
     assert result.val_loss_end["he_valid"] < result.val_loss_start["he_valid"] - 0.5
@@ -47,6 +51,7 @@ def test_run_trains_checkpoints_and_logs(fixture_dir, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000012"
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_auto_reproduces_losses(fixture_dir, tmp_path):
     overrides = ["train.total_steps=40", "train.micro_batch=1", "checkpoint.interval=3"]
     reference = tmp_path / "reference"
@@ -89,10 +94,12 @@ def _varied_batch(vocab: int, rows: int = 8, seqlen: int = 24) -> dict[str, torc
             "position_ids": position_ids}
 
 
+@pytest.mark.slow
 def test_accumulation_split_does_not_change_gradients():
     from hebtron.backends.native import NativeBackend
     from hebtron.model import HybridConfig, HybridModel
-    from hebtron.train.loop import accumulate_gradients, split_rows
+    from hebtron.backends.native_engine import accumulate_gradients
+    from hebtron.train.engine import split_rows
     from tests.conftest import TINY_CONFIGS
 
     torch.manual_seed(0)
@@ -123,7 +130,8 @@ sys.path.insert(0, sys.argv[2])
 from safetensors.torch import save_file
 from hebtron.backends.native import NativeBackend
 from hebtron.model import HybridConfig, HybridModel
-from hebtron.train.loop import accumulate_gradients, split_rows
+from hebtron.backends.native_engine import accumulate_gradients
+from hebtron.train.engine import split_rows
 from tests.conftest import TINY_CONFIGS
 from tests.test_train_loop import _varied_batch
 torch.manual_seed(0)
@@ -142,10 +150,12 @@ backend.close()
 """
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank(tmp_path):
     from hebtron.backends.native import NativeBackend
     from hebtron.model import HybridConfig, HybridModel
-    from hebtron.train.loop import accumulate_gradients, split_rows
+    from hebtron.backends.native_engine import accumulate_gradients
+    from hebtron.train.engine import split_rows
     from tests.conftest import TINY_CONFIGS
     from safetensors.torch import load_file
 
@@ -172,18 +182,19 @@ def test_two_ranks_match_one_rank(tmp_path):
 def test_early_kill_stops_a_diverging_run(fixture_dir, tmp_path):
     recipe = write_recipe(fixture_dir, tmp_path / "doomed")
     proc = _cli("train", str(recipe), "train.lr=3.0", "train.min_lr=0", "train.warmup_tokens=0", "train.grad_clip=0",
-                "train.early_kill={enabled: true, window_steps: 12, margin: 0.02, ema: 0.5}")
+                "train.early_kill={enabled: true, window_steps: 12, margin: 0.02, beta: 0.5}")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 3, out + err
     assert "loss rising early" in out and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_export_loads_in_transformers(fixture_dir, tmp_path):
     from transformers import AutoTokenizer, NemotronHForCausalLM
 
     from hebtron.model.hf import load_hf
 
-    Trainer(load_recipe(write_recipe(fixture_dir, tmp_path / "run", total_steps=2))).run()
+    make_trainer(load_recipe(write_recipe(fixture_dir, tmp_path / "run", total_steps=2))).run()
     proc = _cli("export", str(tmp_path / "run" / "checkpoints"), "--hf", str(tmp_path / "hf"))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err

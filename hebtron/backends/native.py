@@ -18,28 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hebtron.errors import UserError
-
-
-class ProcessGroupOps:
-    """What the run loop asks of any backend's process group: rank, reductions, barrier.
-    Subclasses set ``rank``, ``world_size`` and ``distributed``."""
-
-    rank: int
-    world_size: int
-    distributed: bool
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
+from hebtron.train.engine import ProcessGroupOps
 
 
 class NativeBackend(ProcessGroupOps):

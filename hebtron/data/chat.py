@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from hebtron.data.lang import UNKNOWN_LANG, lang_id
+from hebtron.lang import UNKNOWN_LANG, lang_id
 from hebtron.errors import UserError
 
 ROLES = ("system", "user", "assistant")

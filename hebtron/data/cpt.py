@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from hebtron.data.indexed import open_indexed, read_langs, read_meta
-from hebtron.data.lang import UNKNOWN_LANG
+from hebtron.lang import UNKNOWN_LANG
 from hebtron.errors import UserError
 
 STATE_VERSION = 2  # 2: windows shuffled within blocks

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hebtron.data.lang import lang_id
+from hebtron.lang import lang_id
 from hebtron.errors import UserError
 
 SUPPORTED = ".jsonl (one JSON object per line), .parquet, or a directory written by datasets' save_to_disk"

@@ -2,7 +2,7 @@
 
 The files are written by Megatron-Core's own ``IndexedDatasetBuilder`` so either backend
 (native or megatron) reads the same data. Two sidecars travel with them:
-``PREFIX.lang.npy`` (int16, one language id per document, see :mod:`hebtron.data.lang`)
+``PREFIX.lang.npy`` (int16, one language id per document, see :mod:`hebtron.lang`)
 so batches carry per-token language ids, and ``PREFIX.meta.json`` (tokenizer, ``</s>`` id,
 pad id, counts). Every document ends with ``</s>``: Nemotron's CPT convention, and the
 embedding of the checkpoint's own ``eos`` (``<|im_end|>``) is untrained, so the token is
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from hebtron.data.documents import ReadStats, iter_documents
-from hebtron.data.lang import LANG_IDS, lang_name
+from hebtron.lang import LANG_IDS, lang_name
 from hebtron.errors import UserError
 
 EOS_TOKEN = "</s>"

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from hebtron.data.chat import REASONS, ChatStats, Encoded
-from hebtron.data.lang import UNKNOWN_LANG
+from hebtron.lang import UNKNOWN_LANG
 from hebtron.errors import UserError
 
 LossAverage = Literal["token", "sample"]
@@ -210,13 +210,11 @@ def row_fields(row: PackedRow, loss_average: LossAverage = "token") -> dict[str,
             "loss_mask": weights, "lang": lang}
 
 
-def collate(rows: Sequence[PackedRow], loss_average: LossAverage = "token",
-            cu_seqlens_size: int | None = None) -> dict[str, torch.Tensor]:
+def collate(rows: Sequence[PackedRow], loss_average: LossAverage = "token") -> dict[str, torch.Tensor]:
     """A batch from packed rows: LongTensors ``input_ids``, ``labels`` (-100: no loss),
     ``position_ids``, ``seq_idx``, ``lang``; float32 ``loss_mask``; ``cu_seqlens`` (segment
-    boundaries over the flattened batch, trailing padding of a row a segment of its own),
-    padded with its last value to ``cu_seqlens_size`` entries when given (CUDA graphs need a
-    fixed shape); ``max_seqlen`` (0-d, the longest segment)."""
+    boundaries over the flattened batch, trailing padding of a row a segment of its own);
+    ``max_seqlen`` (0-d, the longest segment)."""
     if not rows:
         raise ValueError("collate needs at least one row")
     fields = [row_fields(r, loss_average) for r in rows]
@@ -225,11 +223,6 @@ def collate(rows: Sequence[PackedRow], loss_average: LossAverage = "token",
     bounds = [r * seq_len + np.flatnonzero(np.diff(f["seq_idx"], prepend=-1)) for r, f in enumerate(fields)]
     cu = np.concatenate([*bounds, [len(rows) * seq_len]]).astype(np.int64)
     max_seqlen = int(np.diff(cu).max())
-    if cu_seqlens_size is not None:
-        if cu.size > cu_seqlens_size:
-            raise ValueError(f"batch has {cu.size - 1} segments; cu_seqlens_size {cu_seqlens_size} holds "
-                             f"{cu_seqlens_size - 1}")
-        cu = np.concatenate([cu, np.full(cu_seqlens_size - cu.size, cu[-1], dtype=np.int64)])
     batch["cu_seqlens"] = torch.from_numpy(cu)
     batch["max_seqlen"] = torch.tensor(max_seqlen, dtype=torch.long)
     return batch

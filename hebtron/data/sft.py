@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from hebtron.data.chat import ChatReader, ChatStats, ChatTemplate, read_template_file
-from hebtron.data.lang import UNKNOWN_LANG, lang_id
+from hebtron.lang import UNKNOWN_LANG, lang_id
 from hebtron.data.packing import (
     DEFAULT_BUFFER,
     LossAverage,
@@ -54,14 +54,13 @@ class SFTOptions:
     strict: bool = False
     loss_average: LossAverage = "token"
     pad_to_multiple_of: int = 1
-    cu_seqlens_size: int | None = None
     pack_buffer: int = DEFAULT_BUFFER
 
     @classmethod
     def from_recipe(cls, section: Any) -> SFTOptions:
         template = read_template_file(section.template_file) if section.template_file else section.template
         return cls(template, section.train_on, section.overlong, section.strict, section.loss_average,
-                   section.pad_to_multiple_of, section.cu_seqlens_size, section.pack_buffer)
+                   section.pad_to_multiple_of, section.pack_buffer)
 
 
 def pad_id_of(tokenizer: Any) -> int:
@@ -102,7 +101,7 @@ class SFTBatches:
     """Endless, resumable batches of packed rows blended from weighted pools."""
 
     def __init__(self, pools: Sequence[tuple[str, PackedRows, float]], seed: int = 0,
-                 loss_average: LossAverage = "token", shuffle: bool = True, cu_seqlens_size: int | None = None,
+                 loss_average: LossAverage = "token", shuffle: bool = True,
                  reports: Sequence[PackingReport] = ()) -> None:
         if not pools:
             raise UserError("SFT data needs at least one source")
@@ -118,7 +117,7 @@ class SFTBatches:
         self.seq_len = self.pools[0].seq_len
         if any(p.seq_len != self.seq_len for p in self.pools):
             raise UserError(f"SFT sources have different seq_len: {[p.seq_len for p in self.pools]}")
-        self.seed, self.shuffle, self.loss_average, self.cu_seqlens_size = seed, shuffle, loss_average, cu_seqlens_size
+        self.seed, self.shuffle, self.loss_average = seed, shuffle, loss_average
         self.reports = list(reports)
         self._salts = [zlib.crc32(n.encode()) for n in self.names]
         self._orders: dict[tuple[int, int], np.ndarray] = {}
@@ -160,7 +159,7 @@ class SFTBatches:
         picks = [self._advance() for _ in range(n_sequences)]
         per_rank = n_sequences // world_size
         rows = [self.pools[s].row(i) for s, i in picks[rank * per_rank : (rank + 1) * per_rank]]
-        return collate(rows, self.loss_average, self.cu_seqlens_size)
+        return collate(rows, self.loss_average)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-JSON position; loading it into a fresh instance continues identically."""
@@ -205,9 +204,9 @@ class SFTValidationBatches:
 # ---------------------------------------------------------------------- from a recipe
 @lru_cache(maxsize=4)
 def _tokenizer(path: str) -> Any:
-    from hebtron.train.setup import load_tokenizer
+    from hebtron.data.tokenizer import load_hf_tokenizer
 
-    return load_tokenizer(Path(path))
+    return load_hf_tokenizer(Path(path))
 
 
 def _pools(recipe: Any, sources: Sequence[Any]) -> list[tuple[Any, PackedRows, PackingReport]]:
@@ -229,7 +228,7 @@ def build_sft_train_data(recipe: Any) -> SFTBatches:
     pools = _pools(recipe, recipe.data.sources)
     sft = recipe.sft
     return SFTBatches([(s.name, rows, s.weight) for s, rows, _ in pools], seed=recipe.train.seed,
-                      loss_average=sft.loss_average, cu_seqlens_size=sft.cu_seqlens_size,
+                      loss_average=sft.loss_average,
                       reports=[r for _, _, r in pools])
 
 

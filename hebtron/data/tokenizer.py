@@ -1,5 +1,10 @@
 """Train a Hebrew byte-level BPE, load tokenizers by name, and measure their compression.
 
+Two loaders: :func:`load_tokenizer` gives the fast encoder data preparation needs (a local
+directory or ``"tekken"``); :func:`load_hf_tokenizer` gives the full transformers tokenizer that
+training, evaluation and the chat template use, and also accepts a checkpoint that names its
+tokenizer.
+
 Special tokens sit at fixed ids so CPT data matches Nemotron's convention (documents end
 with ``</s>`` = id 2): ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, ``<pad>`` 3, ``<|im_start|>`` 4,
 ``<|im_end|>`` 5. Compression is what decides CPT cost (tokens per Hebrew word), so
@@ -13,9 +18,13 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from hebtron.checkpoints import tokenizer_dir
 from hebtron.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>")
 UNK, BOS, EOS, PAD, IM_START, IM_END = SPECIAL_TOKENS
@@ -189,6 +198,19 @@ def load_tokenizer(spec: str | Path) -> TextTokenizer:
         result = HFTokenizer(path.name or key, AutoTokenizer.from_pretrained(str(path), local_files_only=True))
     _CACHE[key] = result
     return result
+
+
+def load_hf_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """A local tokenizer directory, a file in one, or a checkpoint / checkpoints directory (the
+    tokenizer its run recorded); never remote code, never the hub."""
+    path = Path(path)
+    directory = tokenizer_dir(path)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot load tokenizer ({str(err).splitlines()[0]})") from None
 
 
 @dataclass(frozen=True)

@@ -113,9 +113,9 @@ def _gate(args: argparse.Namespace) -> int:
 
 
 def _keep(checkpoint: str | None, report: Path) -> None:
-    from hebtron.train.checkpoint import mark_keep
+    from hebtron.checkpoints import STATE_FILE, mark_keep
 
-    if checkpoint and (Path(checkpoint) / "trainer_state.json").is_file():
+    if checkpoint and (Path(checkpoint) / STATE_FILE).is_file():
         mark_keep(checkpoint, f"accepted by eval gate: {report}")
         print(f"kept: {checkpoint} (KEEP file: never pruned)")
     else:

@@ -75,7 +75,7 @@ class HebtronLM(TemplateLM):
     ) -> None:
         super().__init__()
         from hebtron.model.hf import load_hf
-        from hebtron.train.setup import load_tokenizer
+        from hebtron.data.tokenizer import load_hf_tokenizer
 
         if kwargs:
             log.warning("hebtron lm: ignoring unsupported model_args %s", sorted(kwargs))
@@ -83,7 +83,7 @@ class HebtronLM(TemplateLM):
         self.source = source
         self._device = _pick_device(device)
         self.model = load_hf(source.model_dir, dtype=_pick_dtype(dtype, self._device)).to(self._device).eval()
-        self.tokenizer = load_tokenizer(source.tokenizer_dir)
+        self.tokenizer = load_hf_tokenizer(source.tokenizer_dir)
         if len(self.tokenizer) > self.model.config.vocab_size:
             raise UserError(
                 f"{source.tokenizer_dir}: tokenizer has {len(self.tokenizer)} tokens, "

@@ -54,10 +54,10 @@ def _model(backend: str, checkpoint: str | Path, tokenizer: str | Path | None, d
     if source.is_training_checkpoint or source.tokenizer_dir != model_dir:
         # lm-eval's hf model wants one plain HF directory holding the tokenizer: write one
         from hebtron.model.hf import load_hf, save_hf
-        from hebtron.train.setup import load_tokenizer
+        from hebtron.data.tokenizer import load_hf_tokenizer
 
         model_dir = save_hf(load_hf(source.model_dir, dtype=None), scratch / "hf")
-        load_tokenizer(source.tokenizer_dir).save_pretrained(str(model_dir))
+        load_hf_tokenizer(source.tokenizer_dir).save_pretrained(str(model_dir))
     if device in ("auto", "", None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     args = {"pretrained": str(model_dir), "device": device, "dtype": dtype or "auto", "trust_remote_code": False}

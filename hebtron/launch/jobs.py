@@ -11,7 +11,7 @@ from typing import Any
 from hebtron.launch import slurm
 from hebtron.launch.submit import JOB_FILE
 from hebtron.launch.verdict import latest_verdict
-from hebtron.train.checkpoint import find_latest
+from hebtron.checkpoints import find_latest, step_of
 
 
 @dataclass
@@ -68,7 +68,7 @@ def list_jobs(jobs_root: Path) -> list[JobRow]:
             eval_job_id=str(eval_id) if eval_id else None,
             eval_state=_state(eval_id, states) if eval_id else "-",
             checkpoint=str(latest) if latest else None,
-            step=int(latest.name.split("_")[-1]) if latest else None,
+            step=step_of(latest) if latest else None,
             verdict=verdict_text,
             submitted_at=str(r.get("submitted_at") or ""),
         ))

@@ -1,18 +1,24 @@
-"""Router plots for ``hebtron report``: where and when a language's routing collapsed.
+"""The figures of ``hebtron report``: a run's curves and its router monitors, from metrics records.
+
+Training curves (loss, learning rate, gradient norm, throughput) and two router figures:
 
 - ``router_load_entropy``: a layer x step heatmap of load entropy, one panel per language
   (dark = few experts do the work);
 - ``router_expert_load``: the expert loads of the worst layer (lowest load entropy of any
   language) at the last monitor record, per language, against the uniform share.
 
-Both read the ``router`` / ``router_load`` fields that the training loop's monitor writes to
-metrics.jsonl. :func:`entropy_lines` compares runs (e.g. with and without balancing).
+The router figures read the ``router`` / ``router_load`` fields that the training loop's monitor
+writes to metrics.jsonl. :data:`PLOTS` lists every figure of a report; :func:`entropy_lines`
+compares runs (e.g. with and without balancing). A plot function receives the metric records
+and the run directory and returns a matplotlib ``Figure``, or ``None`` when the run has no data
+for it. Figures are built with ``matplotlib.figure.Figure`` directly (Agg canvas, no pyplot):
+no GUI backend, no global state, safe on headless nodes and in threads.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +26,66 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from hebtron.monitor.router import ALL
-from hebtron.train.report import register_plot
 
+PlotFn = Callable[[list[dict[str, Any]], Path], Figure | None]
+
+
+# ---------------------------------------------------------------- training curves
+
+def series(records: list[dict[str, Any]], key: str,
+           x: str = "tokens") -> tuple[list[float], list[float]]:
+    """(x, y) for records holding a finite ``key``; skipped/NaN steps (null) are left out."""
+    xs, ys = [], []
+    for rec in records:
+        y, xv = rec.get(key), rec.get(x)
+        if isinstance(y, (int, float)) and isinstance(xv, (int, float)) and math.isfinite(y):
+            xs.append(float(xv))
+            ys.append(float(y))
+    return xs, ys
+
+
+def line_figure(title: str, ylabel: str, lines: dict[str, tuple[list[float], list[float]]],
+                xlabel: str = "tokens", logy: bool = False) -> Figure | None:
+    """One axes with a line per non-empty series; None when all are empty."""
+    lines = {k: v for k, v in lines.items() if v[0]}
+    if not lines:
+        return None
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    for label, (xs, ys) in lines.items():
+        marker = "o" if len(xs) < 50 else None
+        ax.plot(xs, ys, label=label, marker=marker, markersize=3)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy and all(y > 0 for _, ys in lines.values() for y in ys):
+        ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    if len(lines) > 1:
+        ax.legend()
+    return fig
+
+
+def plot_loss(records: list[dict[str, Any]], run_dir: Path) -> Figure | None:
+    return line_figure("loss", "loss", {"train": series(records, "loss"),
+                                        "val": series(records, "val_loss")})
+
+
+def plot_lr(records: list[dict[str, Any]], run_dir: Path) -> Figure | None:
+    return line_figure("learning rate", "lr", {"lr": series(records, "lr")})
+
+
+def plot_grad_norm(records: list[dict[str, Any]], run_dir: Path) -> Figure | None:
+    return line_figure("gradient norm (before clipping)", "grad norm",
+                       {"grad_norm": series(records, "grad_norm")}, logy=True)
+
+
+def plot_throughput(records: list[dict[str, Any]], run_dir: Path) -> Figure | None:
+    return line_figure("throughput", "tokens / s",
+                       {"tokens/s": series(records, "tokens_per_s", x="step")}, xlabel="step")
+
+
+# ---------------------------------------------------------------- router monitors
 
 def _layer_index(key: str) -> int:
     return int(key.split("_", 1)[1])
@@ -53,7 +117,6 @@ def _edges(steps: Sequence[int]) -> np.ndarray:
     return np.concatenate([[s[0] - (mid[0] - s[0])], mid, [s[-1] + (s[-1] - mid[-1])]])
 
 
-@register_plot("router_load_entropy")
 def plot_load_entropy(records: list[dict[str, Any]], run_dir: Path) -> Figure | None:
     steps, layers, grids = entropy_grid(records)
     if not grids:
@@ -73,7 +136,6 @@ def plot_load_entropy(records: list[dict[str, Any]], run_dir: Path) -> Figure | 
     return fig
 
 
-@register_plot("router_expert_load")
 def plot_worst_layer_load(records: list[dict[str, Any]], run_dir: Path) -> Figure | None:
     last = next((r for r in reversed(records) if isinstance(r.get("router_load"), dict)), None)
     if last is None:
@@ -95,6 +157,17 @@ def plot_worst_layer_load(records: list[dict[str, Any]], run_dir: Path) -> Figur
     ax.legend()
     ax.grid(True, axis="y", alpha=0.3)
     return fig
+
+
+# Every figure of a report, in order; the PNG is written as ``report/<name>.png``.
+PLOTS: dict[str, PlotFn] = {
+    "loss": plot_loss,
+    "lr": plot_lr,
+    "grad_norm": plot_grad_norm,
+    "tokens_per_s": plot_throughput,
+    "router_load_entropy": plot_load_entropy,
+    "router_expert_load": plot_worst_layer_load,
+}
 
 
 def entropy_lines(runs: Mapping[str, Sequence[Mapping[str, Any]]], layer: int, lang: str,

@@ -10,35 +10,17 @@ nothing), languages taken in turn so that each gets its share of the token budge
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hebtron.checkpoints import checkpoint_tokenizer, resolve_checkpoint
 from hebtron.data.documents import ReadStats, iter_documents
-from hebtron.data.lang import UNKNOWN_LANG
+from hebtron.lang import UNKNOWN_LANG
 from hebtron.errors import UserError
 from hebtron.monitor.router import RouterStats
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tekken.json")
-
-
-def find_tokenizer(checkpoint: Path) -> Path:
-    """The checkpoint's own tokenizer files, else the one its training run recorded."""
-    if any((checkpoint / name).is_file() for name in TOKENIZER_FILES):
-        return checkpoint
-    state = checkpoint / "trainer_state.json"
-    if state.is_file():
-        try:
-            recorded = json.loads(state.read_text(encoding="utf-8")).get("extra", {}).get("tokenizer")
-        except ValueError:
-            recorded = None
-        if recorded and Path(recorded).exists():
-            return Path(recorded)
-    raise UserError(f"{checkpoint}: no tokenizer files and no recorded tokenizer; pass --tokenizer DIR")
-
 
 def _interleaved_documents(paths: Sequence[Path]) -> Iterator[tuple[str, int]]:
     """Documents of all files, one language after the other (he, en, he, en, ...)."""
@@ -96,13 +78,13 @@ def probe(
 ) -> dict[str, Any]:
     """Route ``batches`` x ``batch_size`` rows of ``data`` through ``checkpoint``; the figures as
     ``{"layers": [{"layer": i, "lang": {lang: figures}}], ...}``."""
+    from hebtron.data.tokenizer import load_hf_tokenizer
     from hebtron.model.hf import load_hf
-    from hebtron.train.export import resolve_checkpoint
-    from hebtron.train.setup import DTYPES, load_tokenizer
 
-    ckpt = resolve_checkpoint(Path(checkpoint))
-    tok = load_tokenizer(Path(tokenizer) if tokenizer else find_tokenizer(ckpt))
-    model = load_hf(ckpt, dtype=DTYPES[dtype] if dtype else torch.float32)
+    ref = resolve_checkpoint(checkpoint)
+    ckpt = ref.path
+    tok = load_hf_tokenizer(checkpoint_tokenizer(ref, tokenizer))
+    model = load_hf(ckpt, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype or "float32"])
     layers = [i for i, kind in enumerate(model.config.layer_types) if kind == "moe"]
     if not layers:
         raise UserError(f"{ckpt}: the model has no MoE layers; nothing to probe")

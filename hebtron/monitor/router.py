@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from hebtron.data.lang import LANG_IDS, UNKNOWN_LANG, lang_name
+from hebtron.lang import LANG_IDS, UNKNOWN_LANG, lang_name
 
 FIGURES = ("load_entropy", "router_entropy", "max_share", "active_fraction", "cv")
 

@@ -24,7 +24,8 @@ from pydantic import (
     model_validator,
 )
 
-from hebtron.data.lang import LANG_IDS
+from hebtron.checkpoints import locate_checkpoint
+from hebtron.lang import LANG_IDS
 from hebtron.recipe.hints import did_you_mean
 from hebtron.recipe.paths import InputPath, MissingPath, OutputPath, indexed_exists, resolve_field, safely
 from hebtron.recipe.units import DecayLength, TokenCount, format_tokens
@@ -100,11 +101,10 @@ class ModelSection(Section):
 
 
 def _latest_checkpoint(root: Path) -> Path:
-    if safely(Path.is_file, root / "config.json"):
+    try:
+        return locate_checkpoint(root) or root
+    except (OSError, ValueError):  # unreadable: the config.json check reports it
         return root
-    from hebtron.train.checkpoint import find_latest  # torch: only for checkpoint directories
-
-    return find_latest(root) or root
 
 
 class TokenizerSection(Section):
@@ -184,7 +184,6 @@ class DataSection(Section):
     phases: list[Phase] = Field(default_factory=list)
     seq_len: int = Field(gt=0, description="tokens per training sequence")
     valid: list[DataSource] = Field(default_factory=list, description="validation sources")
-    num_workers: int = Field(0, ge=0, description="data loader worker processes")
     shuffle_windows: bool = Field(
         True, description="CPT: shuffle windows within each source (Megatron's sample shuffle), so a batch "
                           "does not hold consecutive windows of one document")
@@ -230,7 +229,6 @@ class SFTSection(Section):
         "token", description="token: every assistant token weighs the same; sample: every conversation does"
     )
     pad_to_multiple_of: int = Field(1, ge=1, description="pad each packed conversation to a multiple (TP/CP, fp8)")
-    cu_seqlens_size: int | None = Field(None, gt=1, description="pad cu_seqlens to this fixed length (CUDA graphs)")
     pack_buffer: int = Field(20_000, gt=0, description="conversations packed together per buffer (bounds memory)")
 
     @model_validator(mode="after")
@@ -245,9 +243,13 @@ class EarlyKill(Section):
     """Stop a run whose smoothed loss rises early: the one loss signal that predicts failure."""
 
     enabled: bool = False
-    window_steps: int = Field(200, gt=0, description="steps K compared: EMA loss now vs K steps ago")
-    margin: float = Field(0.02, ge=0, description="relative rise of the EMA loss that kills the run")
-    ema: float = Field(0.9, ge=0, lt=1, description="EMA smoothing factor of the loss")
+    window_steps: int = Field(
+        200, gt=0, description="the first K steps are watched: the run is killed if, within them, the smoothed "
+                               "loss rises above its lowest value so far by more than margin; later steps are "
+                               "left to the eval gate")
+    margin: float = Field(0.02, ge=0, description="allowed rise of the smoothed loss above its minimum, relative "
+                                                  "(0.02 = 2%)")
+    beta: float = Field(0.9, ge=0, lt=1, description="smoothing of the loss: bias-corrected EMA with this decay")
 
 
 class TrainSection(Section):
@@ -500,7 +502,7 @@ class Recipe(Section):
         return self
 
     def _check_batch_size(self) -> None:
-        from hebtron.train.batch_size import parse_ramp
+        from hebtron.recipe.units import parse_ramp
 
         section, start = self.batch_size, self.train.global_batch
         unit = self.train.micro_batch * self.parallel.dp

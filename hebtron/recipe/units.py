@@ -82,3 +82,17 @@ def format_tokens(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.4g}{suffix}"
     return str(n)
+
+
+def parse_ramp(spec: str) -> list[tuple[int, int]]:
+    """Megatron-style ``"0:768 250B:1536"`` -> [(tokens, global_batch), ...], sorted by tokens."""
+    steps = []
+    for item in spec.split():
+        at, _, size = item.partition(":")
+        if not size:
+            raise ValueError(f"batch ramp item {item!r}: expected TOKENS:GLOBAL_BATCH, e.g. 250B:1536")
+        steps.append((parse_token_count(at), int(size)))
+    steps.sort()
+    if not steps or steps[0][0] != 0:
+        raise ValueError(f"batch ramp {spec!r}: the first item must start at 0 tokens")
+    return steps

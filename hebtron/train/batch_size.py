@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 ScalingRule = Literal["sqrt", "linear", "none"]
@@ -106,6 +107,44 @@ class NoiseScaleEstimator:
         self.spikes = int(state.get("spikes", 0))
 
 
+@dataclass
+class NoiseMeasurement:
+    """One step's two gradient norms, the input of :meth:`NoiseScaleEstimator.update`."""
+
+    g_small_sq: float  # mean over units of |mean gradient of the unit|^2
+    g_big_sq: float  # |mean gradient of the step|^2
+    b_small: float  # mean loss tokens per unit
+    b_big: float  # loss tokens of the step
+
+
+def combine_units(unit_sq: Sequence[Any], unit_tokens: Sequence[float], token_scale: float, global_tokens: float,
+                  grad_norm: float, all_reduce_sum: Callable[[Any], Any]) -> NoiseMeasurement | None:
+    """This rank's small-batch units -> the step's measurement, combined over ranks (collective).
+
+    ``unit_sq[i]`` is the squared norm of unit ``i``'s raw gradient (a 0-dim tensor, left on the
+    device until here), ``token_scale / unit_tokens[i]`` turns that raw gradient into the unit's
+    mean per-token gradient; ``all_reduce_sum`` sums a tensor over the ranks that hold other
+    units. None when fewer than two units exist (no second batch size).
+    """
+    import torch
+
+    if not unit_sq:
+        return None
+    first = unit_sq[0]
+    weights = torch.tensor([(token_scale / max(tok, 1e-9)) ** 2 for tok in unit_tokens], dtype=torch.float64,
+                           device=first.device)
+    totals = torch.stack([
+        (torch.stack(list(unit_sq)).double() * weights).sum(),
+        weights.new_tensor(float(len(unit_sq))),
+        weights.new_tensor(float(sum(unit_tokens))),
+    ])
+    all_reduce_sum(totals)
+    units = float(totals[1])
+    if units < 2:
+        return None
+    return NoiseMeasurement(float(totals[0]) / units, grad_norm**2, float(totals[2]) / units, global_tokens)
+
+
 def lr_scale_for(batch: int, reference: int, rule: ScalingRule) -> float:
     """Learning-rate multiplier when the global batch moves from ``reference`` to ``batch``."""
     ratio = batch / reference
@@ -114,22 +153,6 @@ def lr_scale_for(batch: int, reference: int, rule: ScalingRule) -> float:
     if rule == "linear":
         return ratio
     return 1.0
-
-
-def parse_ramp(spec: str) -> list[tuple[int, int]]:
-    """Megatron-style ``"0:768 250B:1536"`` -> [(tokens, global_batch), ...], sorted by tokens."""
-    from hebtron.recipe.units import parse_token_count
-
-    steps = []
-    for item in spec.split():
-        at, _, size = item.partition(":")
-        if not size:
-            raise ValueError(f"batch ramp item {item!r}: expected TOKENS:GLOBAL_BATCH, e.g. 250B:1536")
-        steps.append((parse_token_count(at), int(size)))
-    steps.sort()
-    if not steps or steps[0][0] != 0:
-        raise ValueError(f"batch ramp {spec!r}: the first item must start at 0 tokens")
-    return steps
 
 
 @dataclass

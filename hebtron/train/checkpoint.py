@@ -1,18 +1,19 @@
 """Atomic training checkpoints: a crash at any instant leaves the last good one loadable.
 
-Layout under a run's checkpoint directory::
+The layout (``latest``, ``step_N/``, ``COMPLETE``, ``KEEP``) and every read-only lookup live in
+the torch-free :mod:`hebtron.checkpoints`; this module writes and reads the tensors::
 
-    latest                    text file naming the newest checkpoint, replaced atomically
     step_00001000/
         model.safetensors     weights (tied tensors stored once, aliases in the metadata)
         optimizer.pt          optimizer state, torch.save; read back with weights_only=True
         trainer_state.json    {"step": ..., "extra": {scheduler, data position, rng, ...}}
         COMPLETE              manifest (file sizes), written last
-        KEEP                  optional: pruning never deletes this checkpoint (eval gate)
 
-A checkpoint is written into ``step_XXXXXXXX.tmp-<pid>``, every file is fsynced, ``COMPLETE``
-goes in last, then the directory is renamed into place and only then is ``latest`` replaced.
-So ``latest`` can only ever name a directory that already holds a full checkpoint.
+A checkpoint is written into ``step_XXXXXXXX.tmp-<host>-<pid>``, every file is fsynced,
+``COMPLETE`` goes in last, then the directory is renamed into place and only then is ``latest``
+replaced. So ``latest`` can only ever name a directory that already holds a full checkpoint.
+A writer, right before it writes, removes scratch entries of crashed writers of its own host
+(:func:`clean_scratch`); nothing else does, so a save in progress elsewhere is never touched.
 
 These functions take *full* (unsharded) state dicts and are meant to run on one rank (rank 0);
 with FSDP2 gather first with ``torch.distributed.checkpoint.state_dict.get_model_state_dict``
@@ -25,7 +26,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,24 +35,29 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from hebtron.checkpoints import (
+    COMPLETE_FILE,
+    FORMAT_VERSION,
+    KEEP_FILE,
+    LATEST_FILE,
+    STATE_FILE,
+    checkpoint_name,
+    checkpoint_problem,
+    flush_fsync,
+    fsync_dir,
+    fsync_file,
+    list_checkpoints,
+    read_trainer_state,
+    scratch_path,
+    stale_scratch,
+    write_text_synced,
+)
 from hebtron.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
-STATE_FILE = "trainer_state.json"
-COMPLETE_FILE = "COMPLETE"
-KEEP_FILE = "KEEP"
-LATEST_FILE = "latest"
-FORMAT_VERSION = 1
-
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-_SCRATCH = re.compile(r"^(?:step_\d+|latest)\.(?:tmp|trash)-(\d+)$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 # --------------------------------------------------------------------------- writing
@@ -81,20 +86,18 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     state_json = json.dumps({"format": FORMAT_VERSION, "step": step, "extra": dict(extra or {})})
     tensors, aliases = _dedupe_tensors(model_state)
-    _clean_scratch(root, include_own=True)
+    clean_scratch(root, include_own=True)
 
-    tmp = root / f"{checkpoint_name(step)}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = scratch_path(root, checkpoint_name(step))
     tmp.mkdir()
 
     save_file(tensors, str(tmp / MODEL_FILE),
               metadata={"format": "pt", "hebtron_aliases": json.dumps(aliases)})
-    _fsync_file(tmp / MODEL_FILE)
+    fsync_file(tmp / MODEL_FILE)
     if optimizer_state is not None:
         with open(tmp / OPTIMIZER_FILE, "wb") as fh:
             torch.save(dict(optimizer_state), fh)
-            _flush_fsync(fh)
+            flush_fsync(fh)
     write_text_synced(tmp / STATE_FILE, state_json)
     for fname, text in (extra_files or {}).items():
         write_text_synced(tmp / fname, text)
@@ -107,22 +110,24 @@ def publish_checkpoint(tmp: Path, root: Path, step: int, keep_last: int | None =
     Writes the manifest (every file under ``tmp``, relative path and size) last, renames the
     directory into place (a re-saved step is swapped in whole), points ``latest`` at it and
     prunes to ``keep_last``. Until the rename the previous checkpoint stays the newest complete
-    one. Shared by every backend's saver, so they stay equally crash-safe.
+    one. Shared by every backend's saver, so they stay equally crash-safe; it first removes
+    scratch entries of crashed writers of this host (never ``tmp``, whose writer is this process).
     """
+    clean_scratch(root)
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     write_text_synced(tmp / COMPLETE_FILE, json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}))
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
     name = checkpoint_name(step)
     final = root / name
     if final.exists():  # re-saving a step (resumed from an older checkpoint): swap it out
-        trash = root / f"{name}.trash-{os.getpid()}"
+        trash = scratch_path(root, name, "trash")
         os.rename(final, trash)
         os.rename(tmp, final)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
 
     _write_latest(root, name)
     if keep_last:
@@ -171,105 +176,13 @@ def _dedupe_tensors(
 
 
 def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f"{LATEST_FILE}.tmp-{os.getpid()}"
+    tmp = scratch_path(root, LATEST_FILE)
     write_text_synced(tmp, name + "\n")
     os.replace(tmp, root / LATEST_FILE)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
-def write_text_synced(path: Path, text: str) -> None:
-    """Write and fsync: the text is on disk before anything points at it."""
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        _flush_fsync(fh)
-
-
-def _flush_fsync(fh) -> None:
-    fh.flush()
-    os.fsync(fh.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Persist a rename: the directory entry itself must reach the disk."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some network filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-# --------------------------------------------------------------------------- finding, pruning
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why ``path`` is not a complete checkpoint, or ``None`` when it is."""
-    manifest = path / COMPLETE_FILE
-    if not path.is_dir():
-        return f"{path}: no such checkpoint directory"
-    if not manifest.is_file():
-        return f"{manifest}: missing (checkpoint was not completely written)"
-    try:
-        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"{manifest}: unreadable manifest ({exc})"
-    for fname, size in files.items():
-        f = path / fname
-        if not f.is_file():
-            return f"{f}: missing (listed in {COMPLETE_FILE})"
-        if f.stat().st_size != size:
-            return f"{f}: size {f.stat().st_size} bytes, expected {size} (truncated or corrupt)"
-    return None
-
-
-def list_checkpoints(run_ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints as (step, path), oldest first."""
-    root = Path(run_ckpt_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and checkpoint_problem(p) is None:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def find_latest(run_ckpt_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint to resume from, or ``None`` if there is none.
-
-    Trusts ``latest`` when it names a complete checkpoint; otherwise (pointer missing,
-    damaged, or naming something incomplete) falls back to the newest complete ``step_*``.
-    Removes scratch directories left by crashed writers.
-    """
-    root = Path(run_ckpt_dir)
-    if not root.is_dir():
-        return None
-    _clean_scratch(root)
-    pointer = root / LATEST_FILE
-    if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8").strip()
-        if _STEP_DIR.match(name):
-            problem = checkpoint_problem(root / name)
-            if problem is None:
-                return root / name
-            log.warning("latest checkpoint unusable, falling back: %s", problem)
-        else:
-            log.warning("%s: expected a step_XXXXXXXX name, got %r; falling back", pointer, name)
-    complete = list_checkpoints(root)
-    return complete[-1][1] if complete else None
+# --------------------------------------------------------------------------- pruning, cleaning
 
 
 def prune_checkpoints(run_ckpt_dir: str | os.PathLike, keep_last: int) -> list[Path]:
@@ -288,47 +201,24 @@ def prune_checkpoints(run_ckpt_dir: str | os.PathLike, keep_last: int) -> list[P
     for _, path in list_checkpoints(root)[:-keep_last]:
         if path.name == protected or (path / KEEP_FILE).exists():
             continue
-        trash = root / f"{path.name}.trash-{os.getpid()}"
+        trash = scratch_path(root, path.name, "trash")
         os.rename(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
         deleted.append(path)
     return deleted
 
 
-def mark_keep(checkpoint: str | os.PathLike, reason: str = "") -> None:
-    """Protect a checkpoint from pruning (e.g. it passed the eval gate)."""
-    write_text_synced(Path(checkpoint) / KEEP_FILE, reason + "\n")
-
-
-def _clean_scratch(root: Path, include_own: bool = False) -> None:
-    """Remove ``*.tmp-<pid>`` / ``*.trash-<pid>`` left by writers that are no longer running.
-
-    ``include_own`` also removes this process's leftovers (a save that raised earlier); only
-    the saver passes it, right before it starts writing.
-    """
-    for p in root.iterdir():
-        m = _SCRATCH.match(p.name)
-        if not m:
-            continue
-        pid = int(m.group(1))
-        if pid == os.getpid() and not include_own:
-            continue
-        if pid != os.getpid() and _pid_alive(pid):
-            continue
-        if p.is_dir():
+def clean_scratch(root: str | os.PathLike, include_own: bool = False) -> list[Path]:
+    """Remove the scratch entries :func:`hebtron.checkpoints.stale_scratch` lists (this host's,
+    writer gone; with ``include_own`` also this process's); return them. Writers only: called
+    right before a save writes, never by a lookup."""
+    removed = stale_scratch(root, include_own=include_own)
+    for p in removed:
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return removed
 
 
 # --------------------------------------------------------------------------- loading
@@ -361,13 +251,8 @@ def load_checkpoint(
                 f"{model_file}: alias {alias!r} points to missing tensor {target!r}")
         model_state[alias] = model_state[target]
 
-    state_file = ckpt / STATE_FILE
-    try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-        extra = dict(state["extra"])
-        extra["step"] = int(state["step"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{state_file}: unreadable trainer state ({exc})") from exc
+    step, extra = read_trainer_state(ckpt)
+    extra["step"] = step
 
     optimizer_state = None
     optim_file = ckpt / OPTIMIZER_FILE

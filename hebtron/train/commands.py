@@ -59,7 +59,7 @@ def _train(args: argparse.Namespace) -> int:
     early_signals = _record_stop_signals()
     from hebtron.recipe import load_recipe
     from hebtron.train.guards import TrainingAborted
-    from hebtron.train.loop import make_trainer
+    from hebtron.backends.engines import make_trainer
 
     recipe = load_recipe(args.recipe, args.overrides)
     if getattr(args, "sft", False) and recipe.sft is None:
@@ -70,7 +70,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"signal {early_signals[0]} before training started: stopping (nothing new to save)", flush=True)
         return STOPPED_EXIT_CODE
     trainer = make_trainer(recipe, resume=args.resume)
-    if trainer.backend.is_main and recipe.sft is not None:
+    if trainer.ops.is_main and recipe.sft is not None:
         for line in sft_report_lines(trainer):
             print(line, flush=True)
     if early_signals:
@@ -84,13 +84,13 @@ def _train(args: argparse.Namespace) -> int:
         return TrainingAborted.exit_code
     finally:
         trainer.close()
-    if trainer.backend.is_main:
+    if trainer.ops.is_main:
         print(
             f"done: {result.steps} steps, {result.tokens:,} tokens in {result.wall_s:.1f} s "
             f"({result.tokens_per_s:,.0f} tokens/s); checkpoint {result.final_checkpoint}"
         )
     if result.stopped_by_signal and not trainer.done:
-        if trainer.backend.is_main:
+        if trainer.ops.is_main:
             print(f"stopped by a signal at step {result.steps}; continue with --resume auto", flush=True)
         return STOPPED_EXIT_CODE
     return 0

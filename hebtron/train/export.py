@@ -6,31 +6,22 @@ from pathlib import Path
 
 import torch
 
+from hebtron.checkpoints import STATE_FILE, resolve_checkpoint
+from hebtron.data.tokenizer import load_hf_tokenizer
 from hebtron.errors import CheckpointError
 from hebtron.model.hf import load_hf, save_hf
-from hebtron.train.checkpoint import find_latest, load_checkpoint
-from hebtron.train.setup import load_tokenizer
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A ``step_N`` directory, or the latest complete one under a checkpoints directory."""
-    if (path / "config.json").is_file():
-        return path
-    latest = find_latest(path) if path.is_dir() else None
-    if latest is None:
-        raise CheckpointError(f"{path}: not a checkpoint and holds no complete checkpoint")
-    return latest
 
 
 def export_checkpoint(checkpoint: Path, out: Path, dtype: str | None = None) -> Path:
-    ckpt = resolve_checkpoint(checkpoint)
-    _, _, extra = load_checkpoint(ckpt, load_optimizer=False)
-    model = load_hf(ckpt, dtype=None)
+    """``checkpoint`` (a ``step_N`` or a checkpoints directory: its latest) -> HF directory ``out``."""
+    ref = resolve_checkpoint(checkpoint)
+    if not ref.is_training_checkpoint:
+        raise CheckpointError(f"{ref.path}: already a Hugging Face directory (no {STATE_FILE}); nothing to export")
+    model = load_hf(ref.path, dtype=None)
     save_hf(model, out, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype or ""))
-    tokenizer_path = extra.get("tokenizer")
-    if tokenizer_path:
-        tokenizer = load_tokenizer(Path(tokenizer_path))
-        if extra.get("chat_template"):  # an SFT checkpoint: serve it with the template it learned
-            tokenizer.chat_template = extra["chat_template"]
+    if ref.recorded_tokenizer is not None:
+        tokenizer = load_hf_tokenizer(ref.recorded_tokenizer)
+        if ref.extra.get("chat_template"):  # an SFT checkpoint: serve it with the template it learned
+            tokenizer.chat_template = ref.extra["chat_template"]
         tokenizer.save_pretrained(str(out))
     return out

@@ -1,10 +1,10 @@
-"""The training loop: one loop for every run, the backend supplies parallelism.
+"""The training loop: one :class:`Trainer` for every run, an engine does the model work.
 
-One optimizer step takes ``train.global_batch`` sequences. Every rank draws the same global
-batch from the (deterministic) data pipeline and keeps its own slice, so the data order is
-the same for any number of ranks, and the global count of loss tokens is known on every rank
-without communication. Each micro-batch's summed loss is divided by that global count before
-backward, so accumulation and data parallelism do not change the gradient.
+One optimizer step takes ``train.global_batch`` sequences. Every rank advances the same
+(deterministic) data pipeline over the whole global batch but collates only its own
+data-parallel slice, so the data order is the same for any number of ranks. The engine
+divides each micro-batch's summed loss by the global count of loss tokens before backward,
+so accumulation and data parallelism do not change the gradient.
 
 Resume restores weights, optimizer, schedule, data position, guards and RNG: a run killed
 and resumed with ``--resume auto`` writes the same per-step losses as one never stopped.
@@ -13,7 +13,6 @@ and resumed with ``--resume auto`` writes the same per-step losses as one never 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import signal
 import time
@@ -23,23 +22,18 @@ from typing import Any
 
 import torch
 
-from hebtron.backends.native import NativeBackend
+from hebtron.checkpoints import find_latest
 from hebtron.errors import UserError
 from hebtron.model.config import describe
-from hebtron.model.hf import hf_tensors_from_state, load_hf_state_dict
 from hebtron.recipe import Recipe, dump_recipe
-from hebtron.train.checkpoint import capture_rng, find_latest, load_checkpoint, restore_rng, save_checkpoint
+from hebtron.recipe.units import parse_ramp
+from hebtron.train.batch_size import BatchSizePolicy, NoiseMeasurement, NoiseScaleEstimator
+from hebtron.train.checkpoint import capture_rng, restore_rng
+from hebtron.train.engine import StepPlan, TrainEngine, split_rows
 from hebtron.train.guards import EarlyKillGuard, NanGuard, TrainingAborted
-from hebtron.train.loss import token_loss_sum
 from hebtron.train.metrics import MetricsWriter, Progress
-from hebtron.train.batch_size import BatchSizePolicy, NoiseScaleEstimator, parse_ramp
-from hebtron.train.moe_step import MoEStep
-from hebtron.train.noise_probe import GradientNoiseProbe, NoiseMeasurement
-from hebtron.train.optim import build_adamw, clip_grad_norm
-from hebtron.train.schedule import TokenSchedule, set_lr
-from hebtron.train.setup import build_model, build_train_data, build_valid_data, load_tokenizer
-
-MODEL_INPUTS = ("input_ids", "position_ids", "seq_idx")
+from hebtron.train.schedule import TokenSchedule
+from hebtron.train.setup import build_train_data, build_valid_data
 
 
 @dataclass
@@ -55,80 +49,33 @@ class RunResult:
     stopped_by_signal: bool = False
 
 
-def split_rows(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
-    """Rows ``start:stop`` of every per-token field (``cu_seqlens`` / ``max_seqlen`` describe the
-    whole batch and are rebuilt by consumers)."""
-    return {k: v[start:stop] for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")}
-
-
-def accumulate_gradients(
-    model: torch.nn.Module,
-    micro_batches: list[dict[str, torch.Tensor]],
-    global_loss_tokens: int,
-    backend: NativeBackend,
-    precision: str = "fp32",
-    moe: MoEStep | None = None,
-    noise: GradientNoiseProbe | None = None,
-) -> torch.Tensor:
-    """Backward over the micro-batches; returns this rank's summed loss (fp64, detached).
-    ``moe`` adds the MoE aux losses (already globally normalized) and gathers routing figures;
-    ``noise`` reads the small-batch gradient norms for the noise-scale estimator."""
-    total = torch.zeros((), dtype=torch.float64)
-    scale = backend.loss_scale / max(global_loss_tokens, 1)
-    if moe is not None:
-        moe.begin(micro_batches)
-    for i, micro in enumerate(micro_batches):
-        micro = {k: v.to(backend.device) for k, v in micro.items()}
-        with backend.autocast(precision):
-            output = model(**{k: micro[k] for k in MODEL_INPUTS if k in micro})
-        logits = output.logits
-        loss_sum = token_loss_sum(logits, micro["labels"], micro["loss_mask"])
-        loss = loss_sum * scale
-        aux = moe.micro_batch_loss(output.routers, micro) if moe is not None else None
-        if aux is not None:
-            loss = loss + aux * backend.loss_scale
-        if noise is not None:
-            noise.before_backward(i, len(micro_batches))
-        with backend.gradient_sync(model, enabled=i == len(micro_batches) - 1):
-            loss.backward()
-        if noise is not None:
-            noise.after_backward(i, len(micro_batches), float(micro["loss_mask"].double().sum()))
-        total += loss_sum.detach().double().cpu()
-    return total
-
-
 class Trainer:
-    def __init__(self, recipe: Recipe, resume: str | None = None) -> None:
-        self.recipe = recipe
-        train = recipe.train
-        self.backend = NativeBackend(recipe.parallel.dp)
-        self.tokenizer = load_tokenizer(recipe.tokenizer.path)
-        model = build_model(recipe, self.tokenizer)
-        self.config = model.config
-        self.model = self.backend.wrap(model)
-        self.optimizer = build_adamw(
-            self.model, train.lr, train.weight_decay, (train.adam_beta1, train.adam_beta2), train.adam_eps
-        )
-        self._init_run_parts()
-        self.moe = MoEStep(recipe.moe, self.model, self.backend, getattr(self.data, "pad_id", self.config.pad_token_id))
-        if self.moe.note():
-            self._say(self.moe.note())
-        self.noise_probe = GradientNoiseProbe(self.model, self.backend)
-        self._open_run(resume)
+    """The run: schedule, data, guards, batch size, metrics, signals, run state and checkpoint
+    cadence, the same whatever ``engine`` (:class:`hebtron.train.engine.TrainEngine`) does the
+    model work."""
 
-    def _init_run_parts(self) -> None:
-        """Schedule, data, guards, batch-size control and run position: the same on every backend."""
-        recipe, train = self.recipe, self.recipe.train
+    def __init__(self, recipe: Recipe, engine: TrainEngine, tokenizer: Any, resume: str | None = None) -> None:
+        self.recipe = recipe
+        self.engine = engine
+        self.ops = engine.ops
+        self.config = engine.config
+        self.tokenizer = tokenizer
+        train = recipe.train
+        per_step = train.micro_batch * engine.dp_size
+        if train.global_batch % per_step:
+            raise UserError(f"recipe: train.global_batch ({train.global_batch}) must be a multiple of "
+                            f"micro_batch x data-parallel ranks ({per_step})")
         self.schedule = TokenSchedule(
             train.schedule, train.lr, train.min_lr, train.warmup_tokens, recipe.planned_tokens,
             recipe.decay_token_count if train.schedule == "wsd" else 0, train.decay_shape,
         )
         self.data = build_train_data(recipe)
         self.valid = build_valid_data(recipe)
+        self.pad_id = getattr(self.data, "pad_id", self.config.pad_token_id)
         self.nan_guard = NanGuard(train.nan_guard_max_skips)
         kill = train.early_kill
-        self.early_kill = EarlyKillGuard(kill.window_steps, kill.margin, kill.ema) if kill.enabled else None
-        self.batch_policy, self.noise = _batch_size_control(recipe)
+        self.early_kill = EarlyKillGuard(kill.window_steps, kill.margin, kill.beta) if kill.enabled else None
+        self.batch_policy, self.noise = _batch_size_control(recipe, engine.dp_size)
         self._tokens_per_sequence = 0.0
         self.run_dir = Path(recipe.logging.run_dir)
         self.ckpt_dir = Path(recipe.checkpoint.dir)
@@ -136,18 +83,17 @@ class Trainer:
         self.tokens = 0
         self.val_loss_start: dict[str, float] = {}
         self._stop_signal: int | None = None
-
-    def _open_run(self, resume: str | None) -> Path | None:
-        """Resume from ``resume`` if it names a checkpoint, then open the metrics; returns the checkpoint."""
-        resumed_from = self._resolve_resume(resume)
-        if resumed_from is not None:
-            self._load(resumed_from)
-        self.resumed_from = resumed_from
+        for note in engine.notes():
+            self._say(note)
+        self.resumed_from = self._resolve_resume(resume)
+        if self.resumed_from is not None:
+            self._restore_run_state(engine.load(self.resumed_from))
+        else:
+            engine.load_pretrained()
         self.metrics = MetricsWriter(
-            self.run_dir, tensorboard=self.recipe.logging.tensorboard,
-            resume_step=self.step if resumed_from is not None else None, enabled=self.backend.is_main,
+            self.run_dir, tensorboard=recipe.logging.tensorboard,
+            resume_step=self.step if self.resumed_from is not None else None, enabled=self.ops.is_main,
         )
-        return resumed_from
 
     # ------------------------------------------------------------------ the run
     @property
@@ -159,7 +105,7 @@ class Trainer:
     def run(self) -> RunResult:
         recipe, train = self.recipe, self.recipe.train
         self._install_signal_handlers()
-        if self.backend.is_main:
+        if self.ops.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
             self._say(f"model: {describe(self.config)}")
@@ -168,7 +114,7 @@ class Trainer:
         if self.valid and self.step == 0:
             self.val_loss_start = self.evaluate()
             self._say("validation loss before training: " + _fmt_losses(self.val_loss_start))
-        progress = Progress(recipe.planned_tokens, self.tokens, enabled=self.backend.is_main and recipe.logging.progress)
+        progress = Progress(recipe.planned_tokens, self.tokens, enabled=self.ops.is_main and recipe.logging.progress)
         started, start_tokens = time.perf_counter(), self.tokens
         last_ckpt: Path | None = None
         val_end: dict[str, float] = {}
@@ -203,51 +149,40 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns its metrics record."""
-        recipe, train = self.recipe, self.recipe.train
+        train = self.recipe.train
         t0 = time.perf_counter()
         global_batch, step_tokens, lr = self._plan_step()
-        set_lr(self.optimizer, lr)
         phase = self.data.phase_name
-        batch = self.data.next_batch(global_batch)
-        loss_tokens = float(batch["loss_mask"].double().sum())  # float weights: SFT per-sample averaging
-        per_rank = global_batch // self.backend.world_size
-        first = self.backend.rank * per_rank
-        micro_batches = [
-            split_rows(batch, s, s + train.micro_batch) for s in range(first, first + per_rank, train.micro_batch)
-        ]
-        self.model.train()
-        self.noise_probe.begin_step(self._measure_now() and self.noise_probe.usable(len(micro_batches)))
-        loss_sum = accumulate_gradients(
-            self.model, micro_batches, loss_tokens, self.backend, train.precision, moe=self.moe,
-            noise=self.noise_probe,
-        )
-        loss = float(self.backend.all_reduce_sum(loss_sum.to(self.backend.device)).item()) / max(loss_tokens, 1)
-        grad_norm = clip_grad_norm(self.model.parameters(), train.grad_clip if train.grad_clip > 0 else math.inf)
-        skipped = self.nan_guard.check(loss, grad_norm, self.step + 1)
-        measured = self.noise_probe.measurement(loss_tokens, grad_norm) if not skipped else None
-        if not skipped:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        rows = self.data.next_batch(global_batch, self.engine.dp_rank, self.engine.dp_size)
+        per_rank = global_batch // self.engine.dp_size
+        micro_batches = [split_rows(rows, s, s + train.micro_batch) for s in range(0, per_rank, train.micro_batch)]
+        measure = self._measure_now() and self.engine.noise_usable(len(micro_batches))
+        result = self.engine.train_step(StepPlan(
+            micro_batches, lr, self.step + 1, self.pad_id, measure,
+            guard=lambda loss, grad_norm: self.nan_guard.check(loss, grad_norm, self.step + 1),
+        ))
         self.step += 1
         self.tokens += step_tokens
         if self.early_kill is not None:
-            self.early_kill.update(self.step, loss)
-        moe_record = self.moe.finish_step(self.step, skipped)  # expert bias, router figures, alarms
-        elapsed = time.perf_counter() - t0
+            self.early_kill.update(self.step, result.loss)
         record = {
             "step": self.step,
             "tokens": self.tokens,
-            "loss": loss,
+            "loss": result.loss,
             "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": step_tokens / elapsed,
-            "loss_tokens": loss_tokens,
+            "grad_norm": result.grad_norm,
+            "tokens_per_s": step_tokens / (time.perf_counter() - t0),
+            "loss_tokens": result.loss_tokens,
             "skipped_steps": self.nan_guard.total,
             "phase": phase,
         }
-        record.update(self._batch_size_step(global_batch, loss_tokens, measured))
-        record.update(moe_record)
-        self._moe_alarms(record)
+        record.update(self._batch_size_step(global_batch, result.loss_tokens, None if result.skipped else result.noise))
+        record.update(result.figures)
+        for message in result.messages:
+            self._say(message)
+        if result.stop is not None:  # a routing alarm with action stop: log this step, then abort
+            self.metrics.log(record)
+            raise TrainingAborted(result.stop)
         return record
 
     # -------------------------------------------------------------- batch size
@@ -295,59 +230,32 @@ class Trainer:
         """The critical batch estimate in sequences (the estimator works in loss tokens)."""
         return self.noise.b_simple / self._tokens_per_sequence if self._tokens_per_sequence else math.nan
 
-    def _moe_alarms(self, record: dict[str, Any]) -> None:
-        """Print routing-collapse alarms; a ``stop`` alarm logs this step's record, then aborts."""
-        for message in self.moe.messages:
-            self._say(message)
-        if self.moe.stop_message is not None:
-            self.metrics.log(record)
-            raise TrainingAborted(self.moe.stop_message)
-
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean next-token loss per validation source (the same fixed batches every time)."""
-        self.model.eval()
         out = {}
         for name, batches in self.valid.items():
-            total = torch.zeros(2, dtype=torch.float64)
-            for batch in batches:
-                batch = {k: v.to(self.backend.device) for k, v in batch.items() if k != "cu_seqlens"}
-                with self.backend.autocast(self.recipe.train.precision):
-                    logits = self.model(**{k: batch[k] for k in MODEL_INPUTS}).logits
-                total[0] += token_loss_sum(logits, batch["labels"], batch["loss_mask"]).double().cpu()
-                total[1] += batch["loss_mask"].sum().double().cpu()
-            out[name] = float(total[0] / total[1].clamp(min=1))
+            loss_sum, tokens = self.engine.evaluate(batches)
+            out[name] = loss_sum / max(tokens, 1)
         return out
 
     # --------------------------------------------------------------- checkpoints
     def save(self) -> Path | None:
-        model_state = self.backend.model_state(self.model)
-        optim_state = self.backend.optimizer_state(self.model, self.optimizer)
-        moe_state = self.moe.state_dict()  # collective: every rank
-        path = None
-        if self.backend.is_main:
-            hf_tensors = dict(hf_tensors_from_state(model_state))
-            extra = {
-                "tokens": self.tokens,
-                "data": self.data.state_dict(),
-                "schedule": self.schedule.state_dict(),
-                "nan_guard": self.nan_guard.state_dict(),
-                "early_kill": self.early_kill.state_dict() if self.early_kill else None,
-                "moe": moe_state,
-                **self._batch_size_state(),
-                "val_loss_start": self.val_loss_start,
-                "rng": capture_rng(),
-                "tokenizer": str(self.recipe.tokenizer.path),
-                "chat_template": self._chat_template,
-                "world_size": self.backend.world_size,
-            }
-            config_json = json.dumps(self.config.to_hf_dict(), indent=2, sort_keys=True)
-            path = save_checkpoint(
-                self.ckpt_dir, self.step, hf_tensors, optim_state, extra,
-                keep_last=self.recipe.checkpoint.keep_last, extra_files={"config.json": config_json},
-            )
-        self.backend.barrier()
-        return path
+        """A checkpoint of the whole run: the engine's model and optimizer, with this state."""
+        extra = {
+            "tokens": self.tokens,
+            "data": self.data.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "nan_guard": self.nan_guard.state_dict(),
+            "early_kill": self.early_kill.state_dict() if self.early_kill else None,
+            **self._batch_size_state(),
+            "val_loss_start": self.val_loss_start,
+            "rng": capture_rng(),
+            "tokenizer": str(self.recipe.tokenizer.path),
+            "chat_template": self._chat_template,
+            "world_size": self.ops.world_size,
+            "backend": self.recipe.backend,
+        }
+        return self.engine.save(self.ckpt_dir, self.step, extra, self.recipe.checkpoint.keep_last)
 
     def _resolve_resume(self, resume: str | None) -> Path | None:
         if resume in (None, "none", "never"):
@@ -359,17 +267,8 @@ class Trainer:
             raise UserError(f"--resume: {path} is not a checkpoint directory (or use 'auto')")
         return path
 
-    def _load(self, path: Path) -> None:
-        _, optim_state, extra = load_checkpoint(path)
-        model_state = load_hf_state_dict(path, self.config)
-        self.backend.load_model_state(self.model, model_state)
-        if optim_state is not None:
-            self.backend.load_optimizer_state(self.model, self.optimizer, optim_state)
-        self._restore_run_state(extra)
-        self.moe.load_state_dict(extra.get("moe") or {})
-
     def _restore_run_state(self, extra: dict[str, Any]) -> None:
-        """Position, data, schedule, guards and RNG: what every backend's checkpoint carries."""
+        """Position, data, schedule, guards and RNG: what every engine's checkpoint carries."""
         self.step = int(extra["step"])
         self.tokens = int(extra["tokens"])
         self.data.load_state_dict(extra["data"])
@@ -400,26 +299,26 @@ class Trainer:
     def _stop_requested(self) -> bool:
         """A stop signal on any rank stops every rank after the same step (one tiny all-reduce
         per step when distributed), so that all of them reach the checkpoint's collectives."""
-        if self.backend.distributed:
-            flag = torch.tensor([0.0 if self._stop_signal is None else 1.0], device=self.backend.device)
-            if float(self.backend.all_reduce_sum(flag).item()) > 0 and self._stop_signal is None:
+        if self.ops.distributed:
+            flag = torch.tensor([0.0 if self._stop_signal is None else 1.0], device=self.ops.device)
+            if float(self.ops.all_reduce_sum(flag).item()) > 0 and self._stop_signal is None:
                 self._stop_signal = 0  # another rank's signal
         return self._stop_signal is not None
 
     def _say(self, text: str) -> None:
-        if self.backend.is_main:
+        if self.ops.is_main:
             print(text, flush=True)
 
     def close(self) -> None:
-        self.backend.close()
+        self.engine.close()
 
 
-def _batch_size_control(recipe: Recipe) -> tuple[BatchSizePolicy, NoiseScaleEstimator]:
+def _batch_size_control(recipe: Recipe, dp_size: int) -> tuple[BatchSizePolicy, NoiseScaleEstimator]:
     section, train = recipe.batch_size, recipe.train
     policy = BatchSizePolicy(
         section.policy,
         start=train.global_batch,
-        granularity=train.micro_batch * recipe.parallel.dp,
+        granularity=train.micro_batch * dp_size,
         minimum=section.min,
         maximum=section.max or max([train.global_batch] + [b for _, b in parse_ramp(section.ramp or "0:1")]),
         ramp=parse_ramp(section.ramp) if section.ramp else [],
@@ -441,12 +340,3 @@ def _fmt_record(record: dict[str, Any]) -> str:
         f"step {record['step']} | tokens {record['tokens']:,} | loss {record['loss']:.4f} | "
         f"lr {record['lr']:.2e} | grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s"
     )
-
-
-def make_trainer(recipe: Recipe, resume: str | None = None) -> Trainer:
-    """The trainer for the recipe's backend: this loop with the native model, or with Megatron-Core."""
-    if recipe.backend == "megatron":
-        from hebtron.backends.megatron.trainer import MegatronTrainer
-
-        return MegatronTrainer(recipe, resume)
-    return Trainer(recipe, resume)

@@ -1,6 +1,6 @@
 """What the loop does for MoE routers in one optimizer step: aux losses, expert bias, monitor, alarms.
 
-The Trainer holds one :class:`MoEStep`. ``accumulate_gradients`` calls ``begin`` with this rank's
+The native engine holds one :class:`MoEStep`. Its ``accumulate_gradients`` calls ``begin`` with this rank's
 micro-batches and ``micro_batch_loss`` after each forward (the returned aux loss is added to the
 micro-batch's loss before backward); ``finish_step`` runs once after backward. Every aux term is
 summed over real tokens (or rows) and divided by the *global* count, like the LM loss, so the
@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from hebtron.backends.native import NativeBackend
 from hebtron.monitor.alarm import AlarmEvent, CollapseAlarm
 from hebtron.monitor.router import (
     PAD_SLOT,
@@ -41,12 +40,13 @@ from hebtron.monitor.router import (
 )
 from hebtron.recipe.schema import MoESection
 from hebtron.train.balance import balance_loss, row_balance_losses, update_expert_bias, z_loss_sums
+from hebtron.train.engine import ProcessGroupOps
 
 AUX_TYPES = ("micro_batch", "sequence", "global_batch", "z")
 
 
 class MoEStep:
-    def __init__(self, settings: MoESection, model: nn.Module, backend: NativeBackend, pad_id: int | None) -> None:
+    def __init__(self, settings: MoESection, model: nn.Module, backend: ProcessGroupOps, pad_id: int | None) -> None:
         self.settings = settings
         self.backend = backend
         self.pad_id = pad_id

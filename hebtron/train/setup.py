@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hebtron.data.cpt import CPTBatches, Phase, Source, ValidationBatches
 from hebtron.errors import UserError
@@ -16,38 +14,24 @@ from hebtron.model.hf import load_hf
 from hebtron.recipe import Recipe
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from hebtron.data.sft import SFTBatches, SFTValidationBatches
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    """A local tokenizer directory (or the directory of a tokenizer.json); never remote code."""
-    directory = path.parent if path.is_file() else path
-    directory = _checkpoint_tokenizer(directory) or directory
-    try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot load tokenizer ({str(err).splitlines()[0]})") from None
-
-
-def _checkpoint_tokenizer(directory: Path) -> Path | None:
-    """A hebtron checkpoint (or checkpoints directory) holds no tokenizer files but names the
-    tokenizer it was trained with in trainer_state.json, so SFT can start from it directly."""
-    if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
-        return None
-    if (directory / "latest").is_file():
-        from hebtron.train.checkpoint import find_latest
-
-        directory = find_latest(directory) or directory
-    state = directory / "trainer_state.json"
-    if not state.is_file():
-        return None
-    try:
-        named = json.loads(state.read_text(encoding="utf-8")).get("extra", {}).get("tokenizer")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return Path(named) if isinstance(named, str) and named else None
+def model_config(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> HybridConfig:
+    """The architecture: ``model.hf_path``'s config.json, or ``model.init`` completed from the
+    tokenizer (vocabulary size and special token ids)."""
+    if recipe.model.hf_path is not None:
+        return HybridConfig.from_json_file(Path(recipe.model.hf_path) / "config.json")
+    raw = dict(recipe.model.init or {})
+    raw.setdefault("vocab_size", len(tokenizer))
+    raw.setdefault("pad_token_id", tokenizer.pad_token_id)
+    raw.setdefault("bos_token_id", tokenizer.bos_token_id)
+    raw.setdefault("eos_token_id", tokenizer.eos_token_id)
+    return HybridConfig.from_dict(raw, source="recipe: model.init")
 
 
 def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> HybridModel:
@@ -57,13 +41,7 @@ def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> HybridMod
     if section.hf_path is not None:
         model = load_hf(section.hf_path, dtype=DTYPES[section.dtype or "float32"])
     else:
-        raw = dict(section.init or {})
-        raw.setdefault("vocab_size", len(tokenizer))
-        raw.setdefault("pad_token_id", tokenizer.pad_token_id)
-        raw.setdefault("bos_token_id", tokenizer.bos_token_id)
-        raw.setdefault("eos_token_id", tokenizer.eos_token_id)
-        config = HybridConfig.from_dict(raw, source="recipe: model.init")
-        model = HybridModel(config)
+        model = HybridModel(model_config(recipe, tokenizer))
         if section.dtype:
             model.to(DTYPES[section.dtype])
     if len(tokenizer) > model.config.vocab_size:

@@ -9,32 +9,33 @@
         trainer_state.json         {"format", "step", "extra": {tokens, data, schedule, guards, rng, ...}}
         COMPLETE                   manifest of every file (relative paths and sizes), written last
 
-Every rank writes its shards into ``step_N.tmp-<pid of rank 0>``; rank 0 then writes the state
-and hands the directory to :func:`hebtron.train.checkpoint.publish_checkpoint` (manifest, rename,
-``latest``), the native saver's own last step. A crash
-at any point leaves the previous checkpoint as the newest complete one
-(:func:`hebtron.train.checkpoint.find_latest` checks the manifest).
+Every rank writes its shards into ``step_N.tmp-<host>-<pid>`` of rank 0; rank 0 then writes the
+state and hands the directory to :func:`hebtron.train.checkpoint.publish_checkpoint` (removes
+this host's stale scratch entries, manifest, rename, ``latest``), the native saver's own last
+step. A crash at any point leaves the previous checkpoint as the newest complete one
+(:func:`hebtron.checkpoints.find_latest` checks the manifest).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
-from hebtron.errors import CheckpointError
-from hebtron.train.checkpoint import (
+from hebtron.checkpoints import (
     FORMAT_VERSION,
     STATE_FILE,
     checkpoint_name,
     checkpoint_problem,
-    publish_checkpoint,
+    scratch_path,
+    scratch_tag,
     write_text_synced,
 )
+from hebtron.errors import CheckpointError
+from hebtron.train.checkpoint import publish_checkpoint
 
 MEGATRON_DIR = "megatron"
 
@@ -44,9 +45,9 @@ def save(engine: Any, root: str | Path, step: int, extra: dict[str, Any], config
     """Collective: every rank calls it. Returns the final directory."""
     root = Path(root)
     name = checkpoint_name(step)
-    pid = [os.getpid()]
-    dist.broadcast_object_list(pid, src=0)
-    tmp = root / f"{name}.tmp-{pid[0]}"
+    tag = [scratch_tag()]  # rank 0's host and pid: ranks on other nodes must use the same name
+    dist.broadcast_object_list(tag, src=0)
+    tmp = scratch_path(root, name, "tmp", tag[0])
     if engine.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -16,16 +16,15 @@ parallelism a rank's buffers hold shards or partial sums of the gradient, so
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
-from hebtron.train.noise_probe import NoiseMeasurement
+from hebtron.train.batch_size import NoiseMeasurement, combine_units
 
 if TYPE_CHECKING:
     from hebtron.backends.megatron.config_map import ParallelPlan
-    from hebtron.backends.megatron.step import MegatronEngine
 
 
 def unsupported_reason(plan: ParallelPlan) -> str | None:
@@ -38,8 +37,13 @@ def unsupported_reason(plan: ParallelPlan) -> str | None:
 
 
 class MegatronNoiseProbe:
-    def __init__(self, engine: MegatronEngine) -> None:
-        self.engine = engine
+    """Reads ``buffers()`` (this rank's local gradient buffers) between micro-batches;
+    ``dp_all_reduce_sum`` sums the units over the data-parallel ranks."""
+
+    def __init__(self, buffers: Callable[[], list[torch.Tensor]],
+                 dp_all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._buffers = buffers
+        self._dp_all_reduce_sum = dp_all_reduce_sum
         self.active = False
         self._reset()
 
@@ -49,10 +53,6 @@ class MegatronNoiseProbe:
         self._snapshot: list[torch.Tensor] | None = None
         self._next = 0
         self._tokens: list[float] = []
-
-    def _buffers(self) -> list[torch.Tensor]:
-        return [buffer.grad_data for chunk in self.engine.chunks
-                for buffer in chunk.buffers + chunk.expert_parallel_buffers]
 
     def begin(self, unit_tokens: list[float]) -> None:
         """Measure the coming train step, whose micro-batches hold ``unit_tokens`` loss tokens."""
@@ -88,19 +88,7 @@ class MegatronNoiseProbe:
         """Combine this step's units over data-parallel ranks (collective); None if not measured."""
         if not self.active:
             return None
-        from megatron.core import parallel_state as ps
-
         self.active = False
         # buffers hold sum over the unit's tokens of per-token gradients x loss_scale -> mean gradient
-        weights = torch.tensor([1.0 / (loss_scale * max(tok, 1e-9)) ** 2 for tok in self._unit_tokens],
-                               dtype=torch.float64, device=self.engine.device)
-        totals = torch.stack([
-            (torch.stack(self._unit_sq).double() * weights).sum(),
-            weights.new_tensor(float(len(self._unit_sq))),
-            weights.new_tensor(sum(self._unit_tokens)),
-        ])
-        dist.all_reduce(totals, group=ps.get_data_parallel_group())
-        units = float(totals[1])
-        if units < 2:
-            return None
-        return NoiseMeasurement(float(totals[0]) / units, grad_norm**2, float(totals[2]) / units, global_tokens)
+        return combine_units(self._unit_sq, self._unit_tokens, 1.0 / loss_scale, global_tokens, grad_norm,
+                             self._dp_all_reduce_sum)

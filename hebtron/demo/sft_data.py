@@ -1,7 +1,7 @@
 """Demo SFT data: English -> Hebrew UI-string translation as chat conversations.
 
 Built from ``ui_pairs.jsonl`` (the gettext catalogs of ``jupyterlab-language-pack-he-il``,
-written by ``hebtron data demo``). Pairs that share an English or a Hebrew string are kept
+written by :mod:`hebtron.demo.corpus`). Pairs that share an English or a Hebrew string are kept
 together (union-find), then the groups are split by a seeded hash into train, validation
 and a held-out test set, so no test translation is seen in training, not even under
 another English wording. Outputs, next to the pairs:
@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from hebtron.errors import UserError
+from hebtron.data.text import write_jsonl
+from hebtron.demo.files import read_jsonl, require, write_manifest
 
 SYSTEM_PROMPT = "You translate software user-interface strings from English to Hebrew."
 INSTRUCTIONS = (
@@ -93,42 +93,21 @@ def _conversations(pairs: list[dict[str, Any]], rng: random.Random) -> list[dict
     return out
 
 
-def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def build_sft_demo(data_dir: str | Path, seed: int = 0, test_fraction: float = 0.1, valid_fraction: float = 0.05,
                    force: bool = False) -> dict[str, Any]:
     """Write the three files under ``data_dir`` (skipped when built from the same pairs and
     settings); returns the manifest (counts per file)."""
     data_dir = Path(data_dir)
-    source = data_dir / "ui_pairs.jsonl"
-    if not source.is_file():
-        raise UserError(f"{source}: missing; build the demo corpus first (hebtron data demo)")
-    raw = source.read_bytes()
+    source = require(data_dir / "ui_pairs.jsonl")
     settings = {"version": VERSION, "seed": seed, "test": test_fraction, "valid": valid_fraction,
-                "pairs_sha256": hashlib.sha256(raw).hexdigest()}
+                "pairs_sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
     manifest_path = data_dir / "sft_manifest.json"
     if not force and manifest_path.is_file() and all((data_dir / f).is_file() for f in FILES):
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         if manifest.get("settings") == settings:
             return {**manifest, "skipped": True}
-    pairs = []
-    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{source}:{lineno}: broken JSON ({err.msg})") from None
-            en, he = rec.get("en"), rec.get("he")
-            if isinstance(en, str) and isinstance(he, str) and en.strip() and he.strip():
-                pairs.append(rec)
+    pairs = [r for r in read_jsonl(source) if isinstance(r.get("en"), str) and isinstance(r.get("he"), str)
+             and r["en"].strip() and r["he"].strip()]
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "valid": [], "test": []}
     for group in _groups(pairs):
         splits[_split(group, pairs, seed, test_fraction, valid_fraction)].extend(pairs[i] for i in sorted(group))
@@ -137,9 +116,8 @@ def build_sft_demo(data_dir: str | Path, seed: int = 0, test_fraction: float = 0
     rng = random.Random(seed)
     train, valid = _conversations(splits["train"], rng), _conversations(splits["valid"], rng)
     test = [{"en": p["en"], "he": p["he"], "source": p.get("source", "")} for p in splits["test"]]
-    _write_jsonl(data_dir / FILES[0], train)
-    _write_jsonl(data_dir / FILES[1], valid)
-    _write_jsonl(data_dir / FILES[2], test)
+    for name, rows in zip(FILES, (train, valid, test), strict=True):
+        write_jsonl(data_dir / name, rows)
     manifest = {
         "settings": settings,
         "files": {
@@ -150,7 +128,5 @@ def build_sft_demo(data_dir: str | Path, seed: int = 0, test_fraction: float = 0
         "prompt": INSTRUCTIONS[0],
         "license_note": "UI strings: jupyterlab-language-pack-he-il, BSD-3-Clause",
     }
-    tmp = manifest_path.with_name(f"{manifest_path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, manifest_path)
+    write_manifest(manifest_path, manifest)
     return {**manifest, "skipped": False}

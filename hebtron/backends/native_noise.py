@@ -15,21 +15,13 @@ the number of ranks. Units are converted to mean gradients over their own loss t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from hebtron.backends.native import NativeBackend
-
-
-@dataclass
-class NoiseMeasurement:
-    g_small_sq: float  # mean over units of |mean gradient of the unit|^2
-    g_big_sq: float  # |mean gradient of the step|^2
-    b_small: float  # mean loss tokens per unit
-    b_big: float  # loss tokens of the step
+from hebtron.train.batch_size import NoiseMeasurement, combine_units
 
 
 class _RecordingReduceScatter:
@@ -110,17 +102,6 @@ class GradientNoiseProbe:
         """Combine the units of this step (all ranks); None when the step was not measured."""
         if not self.active or not self._unit_sq:
             return None
-        scale = global_tokens / self.backend.loss_scale
         # raw unit gradient = sum of token gradients * loss_scale / global_tokens -> mean over the unit's tokens
-        weights = torch.tensor([(scale / max(tok, 1e-9)) ** 2 for tok in self._unit_tokens], dtype=torch.float64,
-                               device=self.backend.device)
-        totals = torch.stack([
-            (torch.stack(self._unit_sq).double() * weights).sum(),
-            weights.new_tensor(float(len(self._unit_sq))),
-            weights.new_tensor(sum(self._unit_tokens)),
-        ])
-        self.backend.all_reduce_sum(totals)
-        units = float(totals[1])
-        if units < 2:
-            return None
-        return NoiseMeasurement(float(totals[0]) / units, grad_norm**2, float(totals[2]) / units, global_tokens)
+        return combine_units(self._unit_sq, self._unit_tokens, global_tokens / self.backend.loss_scale, global_tokens,
+                             grad_norm, self.backend.all_reduce_sum)

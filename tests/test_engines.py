@@ -1,0 +1,109 @@
+"""One :class:`Trainer` over both engines, and the step guard deciding before the update.
+
+Each engine runs in a fresh process (Megatron patches itself for CPU and keeps global parallel
+state): the trainer for ``backend: native`` and ``backend: megatron`` is the same class, and a
+step whose guard says "skip" leaves every weight bit-identical, while the next, allowed step
+changes them (so the check can fail). The guard sees the step's own global loss and gradient
+norm: the ones the step then reports.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.train_fixtures import build_training_fixture, write_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+WORKER = r"""
+import json, sys
+import torch
+from hebtron.backends.engines import make_trainer
+from hebtron.recipe import load_recipe
+from hebtron.train.engine import StepPlan, split_rows
+from hebtron.train.loop import Trainer
+
+trainer = make_trainer(load_recipe(sys.argv[1], sys.argv[2:]))
+engine = trainer.engine
+modules = engine.engine.modules if hasattr(engine, "engine") else [engine.model]
+
+def weights():
+    return [p.detach().clone() for m in modules for p in m.parameters()]
+
+def step(number, skip):
+    seen = []
+    def guard(loss, grad_norm):
+        seen.append((loss, grad_norm))
+        return skip
+    rows = trainer.data.next_batch(8, engine.dp_rank, engine.dp_size)
+    micro = [split_rows(rows, s, s + 4) for s in range(0, rows["input_ids"].shape[0], 4)]
+    before = weights()
+    result = engine.train_step(StepPlan(micro, 1e-2, number, trainer.pad_id, False, guard))
+    same = all(torch.equal(a, b) for a, b in zip(before, weights(), strict=True))
+    return {"same": same, "skipped": result.skipped, "seen": seen, "loss": result.loss, "norm": result.grad_norm}
+
+out = {"trainer": type(trainer) is Trainer, "engine": type(engine).__name__,
+       "refused": step(1, True), "allowed": step(2, False)}
+trainer.close()
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    fixture = build_training_fixture(tmp_path_factory.getbasetemp() / "train_fixture")
+    return write_recipe(fixture, tmp_path_factory.mktemp("engines") / "run", total_steps=2)
+
+
+@pytest.mark.parametrize("backend", ["native", "megatron"])
+def test_one_trainer_and_the_guard_decides_before_the_update(recipe, backend):
+    proc = subprocess.run([sys.executable, "-c", WORKER, str(recipe), f"backend={backend}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**_env(), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert out["trainer"], out
+    assert out["engine"] == {"native": "NativeEngine", "megatron": "MegatronTrainEngine"}[backend]
+    refused, allowed = out["refused"], out["allowed"]
+    assert refused["skipped"] and refused["same"], refused  # asked before the optimizer stepped
+    assert not allowed["skipped"] and not allowed["same"], allowed
+    for result in (refused, allowed):
+        (loss, norm), = result["seen"]  # asked once, with the numbers the step reports
+        assert loss == pytest.approx(result["loss"], rel=1e-12) and norm == pytest.approx(result["norm"], rel=1e-12)
+        assert loss > 0 and norm > 0
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+
+
+def test_two_native_ranks_collate_their_own_rows_and_train_like_one(recipe, tmp_path):
+    """Each FSDP rank collates only its slice of the global batch (``next_batch(n, rank, 2)``);
+    the data order, the global loss-token count and so the losses are those of one process."""
+    from hebtron.cli import main as hebtron_main
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["train.total_steps=3", "train.eval_interval=0"]
+    assert hebtron_main(["train", str(recipe), *common, f"logging.run_dir={one}", f"checkpoint.dir={one / 'ckpt'}"]) == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hebtron.cli",
+         "train", str(recipe), *common, "parallel.dp=2", f"logging.run_dir={two}", f"checkpoint.dir={two / 'ckpt'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**_env(), "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+    def losses(run: Path) -> list[tuple[int, float, float]]:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return [(r["step"], r["loss"], r["loss_tokens"]) for r in rows if "loss" in r]
+
+    a, b = losses(one), losses(two)
+    assert [s for s, _, _ in a] == [s for s, _, _ in b] == [1, 2, 3]
+    for (_, loss_a, tokens_a), (_, loss_b, tokens_b) in zip(a, b, strict=True):
+        assert tokens_a == tokens_b  # the global count, summed over the two ranks' own rows
+        assert loss_a == pytest.approx(loss_b, rel=1e-5)

@@ -19,6 +19,7 @@ import pytest
 from tests.train_fixtures import build_training_fixture, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # fresh processes, torchrun, Megatron imports
 
 WORKER = r"""
 import json, sys
@@ -107,3 +108,56 @@ def test_two_native_ranks_collate_their_own_rows_and_train_like_one(recipe, tmp_
     for (_, loss_a, tokens_a), (_, loss_b, tokens_b) in zip(a, b, strict=True):
         assert tokens_a == tokens_b  # the global count, summed over the two ranks' own rows
         assert loss_a == pytest.approx(loss_b, rel=1e-5)
+
+
+POISON = r"""
+import json, sys
+import torch
+from hebtron.backends.engines import make_trainer
+from hebtron.recipe import load_recipe
+from hebtron.train.guards import TrainingAborted
+
+trainer = make_trainer(load_recipe(sys.argv[1], sys.argv[2:]))
+engine = trainer.engine
+modules = engine.engine.modules if hasattr(engine, "engine") else [engine.model]
+params = [(n, p) for m in modules for n, p in m.named_parameters()]
+name, norm = next((n, p) for n, p in params if "norm" in n and n.endswith("weight"))
+with torch.no_grad():
+    norm.fill_(float("inf"))  # every forward now gives a non-finite loss and gradient
+before = [p.detach().clone() for _, p in params]
+try:
+    trainer.run()
+    aborted = None
+except TrainingAborted as err:
+    aborted = str(err)
+same = all(torch.equal(a, p.detach()) for a, (_, p) in zip(before, params, strict=True))
+out = {"poisoned": name, "aborted": aborted, "step": trainer.step, "skipped": trainer.nan_guard.total, "same": same}
+trainer.close()
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend,ranks", [("native", 1), ("megatron", 1), ("megatron", 2)])
+def test_non_finite_steps_are_skipped_before_the_update_then_abort(recipe, tmp_path, backend, ranks):
+    """A non-finite loss and gradient on every step: each is skipped before the optimizer
+    touches anything (weights, inf included, bit-identical), and the third in a row aborts."""
+    run = tmp_path / "run"
+    args = [str(recipe), f"backend={backend}", "train.nan_guard_max_skips=2", "train.total_steps=6",
+            "train.eval_interval=0", f"logging.run_dir={run}", f"checkpoint.dir={run / 'ckpt'}"]
+    if ranks == 2:
+        args += ["parallel.dp=2", "parallel.ep=2"]  # expert shards differ per rank, dense ones are replicas
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        script = tmp_path / "poison.py"
+        script.write_text(POISON)
+        cmd = [*launch, str(script), *args]
+    else:
+        cmd = [sys.executable, "-c", POISON, *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == ranks
+    for out in results:  # every rank: same decision, its own weights untouched
+        assert out["same"], out
+        assert out["step"] == 2 and out["skipped"] == 3, out  # two skipped steps, the third aborts
+        assert out["aborted"] and "aborted at step 3: 3 consecutive steps with non-finite" in out["aborted"], out

@@ -179,6 +179,7 @@ def test_two_ranks_match_one_rank(tmp_path):
             torch.testing.assert_close(two_ranks[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 def test_early_kill_stops_a_diverging_run(fixture_dir, tmp_path):
     recipe = write_recipe(fixture_dir, tmp_path / "doomed")
     proc = _cli("train", str(recipe), "train.lr=3.0", "train.min_lr=0", "train.warmup_tokens=0", "train.grad_clip=0",

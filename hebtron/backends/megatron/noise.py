@@ -1,6 +1,6 @@
 """Micro-batch gradient norms on the Megatron backend, for the noise-scale estimator.
 
-Same measurement as :mod:`hebtron.train.noise_probe` on one process, read from Megatron's
+Same measurement as :mod:`hebtron.backends.native_noise` on one process, read from Megatron's
 DDP gradient buffers instead of ``param.grad``: the units are the micro-batches of every
 data-parallel rank, and the gradient of micro-batch ``i`` is how much this rank's local (not
 yet reduced) buffers moved during its backward. Megatron's no-pipelining schedule runs

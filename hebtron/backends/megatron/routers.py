@@ -32,8 +32,11 @@ class MegatronRouterMonitor:
     """Routing statistics from Megatron's routers for :class:`RouterStats` (per step, all ranks)."""
 
     def __init__(self, modules: Sequence[torch.nn.Module], moe_layers: Sequence[int], num_experts: int, top_k: int,
-                 tp_rank: int, tp_size: int, sequence_parallel: bool, count_tokens: bool) -> None:
-        self.stats = RouterStats(moe_layers, num_experts)
+                 tp_rank: int, tp_size: int, sequence_parallel: bool, count_tokens: bool,
+                 device: torch.device | str = "cpu") -> None:
+        # on the model's device: the hooks add to it without a host sync; the figures are
+        # copied to the host once per monitor interval (RouterStats.summary)
+        self.stats = RouterStats(moe_layers, num_experts, device)
         self.layer_row = {layer: i for i, layer in enumerate(moe_layers)}
         self.num_experts, self.top_k = num_experts, top_k
         self.tp_rank, self.tp_size, self.sp = tp_rank, tp_size, sequence_parallel
@@ -45,8 +48,9 @@ class MegatronRouterMonitor:
 
     def begin(self, slots: list[torch.Tensor]) -> None:
         """Before a step's forward-backward: the slot (language) of every token of each micro-batch,
-        in the layout the model receives (see :func:`hebtron.monitor.router.token_slots`)."""
-        self.slots = slots
+        in the layout the model receives (see :func:`hebtron.monitor.router.token_slots`), moved to
+        the device once here rather than in every layer's hook."""
+        self.slots = [s.to(self.stats.device, non_blocking=True) for s in slots]
         self.calls = {}
 
     @torch.no_grad()
@@ -69,11 +73,11 @@ class MegatronRouterMonitor:
         scores = logits.sigmoid() if router.score_function == "sigmoid" else logits.softmax(dim=-1)
         topk = routing_map.float().topk(self.top_k, dim=-1).indices
         row = self.layer_row[layer]
-        self.stats.counts[row] += assignment_counts(topk[None], slots.long(), self.num_experts)[0].to(self.stats.counts.device)
-        self.stats.entropy[row] += slot_sums(token_entropy(router_probs(scores))[None], slots.long()[None])[0].to(
-            self.stats.entropy.device)
+        slots = slots.long()
+        self.stats.counts[row] += assignment_counts(topk[None], slots, self.num_experts)[0]
+        self.stats.entropy[row] += slot_sums(token_entropy(router_probs(scores))[None], slots[None])[0]
         if self.count_tokens and layer == self.first_layer:
-            self.stats.tokens.scatter_add_(0, slots.long().cpu(), torch.ones_like(slots.long().cpu()))
+            self.stats.tokens.scatter_add_(0, slots, torch.ones_like(slots))
 
     def close(self) -> None:
         for handle in self.handles:

@@ -109,7 +109,7 @@ class MegatronTrainEngine:
         monitor = MegatronRouterMonitor(
             self.engine.modules, layers, self.config.n_routed_experts, self.config.num_experts_per_tok,
             ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
-            bool(self.engine.config.sequence_parallel), holds_first,
+            bool(self.engine.config.sequence_parallel), holds_first, self.engine.device,
         )
         alarm = CollapseAlarm(moe.alarms, self.config.n_routed_experts, self.config.num_experts_per_tok) if moe.alarms else None
         return monitor, alarm

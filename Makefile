@@ -14,12 +14,13 @@ export TRANSFORMERS_OFFLINE ?= 1
 
 venv: $(STAMP)
 
-# torch is installed first and pinned: the CPU wheel lies on disk; any other torch downloads gigabytes.
-$(STAMP): pyproject.toml
+# The tested CPU set is pinned in constraints/cpu.txt (pyproject.toml states ranges). torch is
+# installed first: the CPU wheel lies on disk; any other torch downloads gigabytes.
+$(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints/cpu.txt torch
+	$(PY) -m pip install -q -c constraints/cpu.txt -e ".[dev]"
 	touch $(STAMP)
 
 # The Slurm tests start a real single-node Slurm (tests/test_slurm.py calls slurm/local/start.sh

@@ -13,6 +13,8 @@ Layout under a run's checkpoint directory::
         ...                   weights and optimizer state (backend specific)
         COMPLETE              manifest (file sizes), written last
         KEEP                  optional: pruning never deletes this checkpoint (eval gate)
+        megatron/             Megatron backend: the distributed checkpoint (no safetensors), and
+        hf/                   its HF conversion, made on first use by export / eval / probe / SFT
     step_00001000.tmp-<host>-<pid>    a save in progress (or one whose writer died)
 
 Everything here that looks (``find_latest``, ``resolve_checkpoint``, ``stale_scratch``, ...) only
@@ -41,15 +43,18 @@ CONFIG_FILE = "config.json"
 STATE_FILE = "trainer_state.json"
 COMPLETE_FILE = "COMPLETE"
 KEEP_FILE = "KEEP"
+MEGATRON_DIR = "megatron"  # a Megatron-backend step_N's distributed checkpoint
+HF_CACHE_DIR = "hf"  # beside it: its Hugging Face conversion (hebtron.backends.hf_dirs)
 LATEST_FILE = "latest"
 FORMAT_VERSION = 1
 # Files any one of which makes a directory a tokenizer directory (HF fast / slow, Mistral Tekken).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tekken.json")
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-# step_00000006.tmp-<host>-<pid>, latest.tmp-<host>-<pid>, step_N.trash-...; before hosts were
+# step_00000006.tmp-<host>-<pid>, latest.tmp-<host>-<pid>, step_N.trash-..., and inside a step
+# step_N/hf.tmp-<host>-<pid> (its HF conversion in progress); before hosts were
 # recorded the names were <base>.tmp-<pid> (host group absent).
-_SCRATCH = re.compile(r"^(?P<base>step_\d+|latest)\.(?P<kind>tmp|trash)-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
+_SCRATCH = re.compile(r"^(?P<base>step_\d+|latest|hf)\.(?P<kind>tmp|trash)-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
 
 ScratchKind = Literal["tmp", "trash"]
 
@@ -227,6 +232,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> CheckpointRef:
         raise CheckpointError(problem)
     step, extra = read_trainer_state(found)
     return CheckpointRef(found, step, extra)
+
+
+def is_megatron_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a Megatron-backend ``step_N`` (weights in ``megatron/``, no safetensors)."""
+    return (Path(path) / MEGATRON_DIR / "metadata.json").is_file()
 
 
 def has_tokenizer_files(directory: Path) -> bool:

@@ -217,6 +217,7 @@ backend.close()
 SETTINGS = {"aux_loss": {"sequence": 0.3, "global_batch": 0.5, "z": 0.1}, "monitor": {"interval": 1}}
 
 
+@pytest.mark.slow  # torchrun, 2 ranks
 def test_two_ranks_match_one_rank(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 

@@ -40,6 +40,7 @@ def utils():
     return module
 
 
+@pytest.mark.slow  # lm-eval validate per task YAML
 def test_every_yaml_passes_lm_eval_validate_offline():
     names = defined_names()
     assert {"hebrew-core", "alephbench", "hebrew_public", "heq", "hebrew_sentiment", "hebnli", "winograd_he"} <= set(names)

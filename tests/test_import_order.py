@@ -89,10 +89,20 @@ def is_package(module: str) -> bool:
     return MODULES[module].name == "__init__.py"
 
 
+def is_command_module(module: str) -> bool:
+    """``hebtron.<pkg>.commands``: a package's subcommands for ``hebtron``'s parser. These are the
+    CLI layer split by topic (only the CLI imports them), so they sit with ``cli``, whatever
+    package holds them: ``train/commands.py`` may pick an engine from ``backends/``."""
+    parts = module.split(".")
+    return len(parts) == 3 and parts[2] == "commands"
+
+
 def layer_of(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1 or parts[1] == "__main__":
         return TOP
+    if is_command_module(module):
+        return "cli"
     return parts[1]
 
 
@@ -273,6 +283,8 @@ def package_of(module: str) -> str:
     their own node, since they sit at opposite ends of the order."""
     if is_package(module):
         return module
+    if is_command_module(module):
+        return "hebtron.cli"
     parent = module.rpartition(".")[0]
     return module if parent == "hebtron" else parent
 

@@ -5,6 +5,7 @@ a real local Slurm.)"""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -130,7 +131,7 @@ def test_eval_chain_paths_are_checked(tmp_path):
     with pytest.raises(UserError, match=r"--eval-suite no-such-suite: no such suite"):
         eval_chain("no-such-suite", None, None, recipe)
     suite = tmp_path / "mine.yaml"
-    suite.write_text("name: mine\n")
+    suite.write_text("name: mine\ntasks: [mine]\n")
     with pytest.raises(UserError, match=r"--eval-policy: required, since there is no mine\.gate\.yaml beside"):
         eval_chain(str(suite), None, None, recipe)
     (tmp_path / "mine.gate.yaml").write_text("tasks: {}\n")
@@ -139,6 +140,55 @@ def test_eval_chain_paths_are_checked(tmp_path):
     chain = eval_chain(str(suite), None, str(tmp_path), recipe)
     assert chain.suite == str(suite) and chain.suite_tag == "mine"
     assert chain.policy == str(tmp_path / "mine.gate.yaml") and not chain.baseline_is_results
+
+
+def test_the_job_runs_in_its_job_directory_not_where_submit_ran(tmp_path, monkeypatch):
+    """``paths.workdir`` defaults to the job directory (launch/profile.py says so); the
+    directory submit is called from leaves no trace in the job but the paths it resolved."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    recipe = _cluster_recipe(tmp_path / "r.yaml", run_dir="runs/demo")  # relative: resolved at submit
+    prepared = _render(tmp_path, "local", recipe=recipe, eval_baseline="/fsx/base.json")
+    job_dir = elsewhere / "runs" / "jobs" / "demo"
+    assert prepared.spec.job_dir == str(job_dir) and prepared.spec.workdir == str(job_dir)
+    assert prepared.recipe.logging.run_dir == elsewhere / "runs" / "demo"
+    for script, names in ((prepared.train_script, ["JOB_DIR", "WORKDIR"]), (prepared.eval_script, ["WORKDIR"])):
+        assert set(_run_header(script, names, tmp_path).values()) == {str(job_dir)}
+    profile = yaml.safe_load((PROFILE_DIR / "local.yaml").read_text())
+    profile["paths"]["workdir"] = "project"  # a profile's own workdir wins; relative to where submit runs
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(profile))
+    mine = _render(tmp_path, str(tmp_path / "p.yaml"), recipe=recipe, eval_suite=None)
+    assert mine.spec.workdir == str(elsewhere / "project")
+
+
+def test_eval_task_dirs_are_resolved_where_submit_runs(tmp_path, monkeypatch):
+    """hebrew-mini's tasks (``workdir_include: [runs/demo/eval/tasks]``) are found from the
+    directory submit runs in, passed to the job as absolute ``--tasks-dir``s, checked at once."""
+    recipe = load_recipe(_cluster_recipe(tmp_path / "r.yaml"), check_paths=False)
+    project, elsewhere = tmp_path / "my project", tmp_path / "elsewhere"
+    tasks = project / "runs" / "demo" / "eval" / "tasks"
+    tasks.mkdir(parents=True)
+    elsewhere.mkdir()
+    monkeypatch.chdir(project)
+    chain = eval_chain("hebrew-mini", None, str(tmp_path), recipe)
+    assert chain.tasks_dirs == (str(tasks),)
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(UserError, match=r"hebrew-mini\.yaml: workdir_include runs/demo/eval/tasks: no such task "
+                                         r"directory under .*elsewhere; build it with `hebtron data demo`") as info:
+        eval_chain("hebrew-mini", None, str(tmp_path), recipe)
+    assert "\n" not in str(info.value)
+    chain = eval_chain("hebrew-mini", None, str(tmp_path), recipe, tasks_dirs=[str(tasks)])
+    assert chain.tasks_dirs == (str(tasks),)
+    with pytest.raises(UserError, match=r"--eval-tasks-dir nowhere: no such directory"):
+        eval_chain("hebrew-mini", None, str(tmp_path), recipe, tasks_dirs=["nowhere"])
+    # unchecked (files on the cluster): left to the job's working directory
+    assert eval_chain("hebrew-mini", None, str(tmp_path), recipe, check_paths=False).tasks_dirs == ()
+    # the eval job hands them, one shell word each, to both of its `hebtron eval run`s
+    prepared = _render(tmp_path, "local", eval_baseline="/fsx/base", eval_tasks_dirs=[str(tasks), "/b $(id)"])
+    assert _run_header(prepared.eval_script, ["TASKS_DIRS"], tmp_path) == {"TASKS_DIRS": str(tasks)}  # ${A[0]}
+    assert "TASKS_DIRS=(" + shlex.quote(str(tasks)) + " '/b $(id)')\n" in prepared.eval_script
+    assert prepared.eval_script.count('eval run --suite "$SUITE" "${tasks[@]}" ') == 2
 
 
 @pytest.mark.parametrize("cluster", HYPERPOD)

@@ -61,7 +61,7 @@ def test_unmappable_tensors_are_an_error_not_a_silent_drop():
 
 
 @pytest.mark.slow
-def test_convert_commands_round_trip_through_a_distributed_checkpoint(tmp_path):
+def test_convert_commands_round_trip_through_a_distributed_checkpoint(tmp_path, monkeypatch):
     model = _model("nano-like")
     save_hf(model, tmp_path / "hf")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -73,6 +73,30 @@ def test_convert_commands_round_trip_through_a_distributed_checkpoint(tmp_path):
     assert (tmp_path / "mcore" / "metadata.json").is_file()
     a, b = load_hf_state_dict(tmp_path / "hf", model.config), load_hf_state_dict(tmp_path / "hf2", model.config)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    _streams_one_layer_at_a_time_into_shards(tmp_path, model, a, monkeypatch)
     bad = subprocess.run([sys.executable, "-m", "hebtron.cli", "convert", "megatron-to-hf", str(tmp_path / "hf"),
                           str(tmp_path / "x")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def _streams_one_layer_at_a_time_into_shards(tmp_path: Path, model: HybridModel, want: dict, monkeypatch) -> None:
+    """The way back reads one layer's tensors per load (bounded memory) and writes indexed shards."""
+    from hebtron.backends.megatron import hf_export
+
+    reads: list[list[str]] = []
+
+    class Recording(hf_export.DistCheckpointReader):
+        def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+            reads.append(keys)
+            return super().read(keys)
+
+    monkeypatch.setattr(hf_export, "DistCheckpointReader", Recording)
+    out = tmp_path / "sharded"
+    out.mkdir()
+    hf_export.write_hf_weights(tmp_path / "mcore", model.config, out, max_shard_bytes=64 * 1024)
+    assert len(reads) == model.config.num_hidden_layers + 1
+    for keys in reads:  # one layer (or the embedding, final norm and head) per load
+        assert len({k.split(".")[2] if k.startswith("decoder.layers.") else "top" for k in keys}) == 1, keys
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    got = load_hf_state_dict(out, model.config)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)

@@ -52,11 +52,12 @@ def test_run_trains_checkpoints_and_logs(fixture_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_auto_reproduces_losses(fixture_dir, tmp_path):
-    overrides = ["train.total_steps=40", "train.micro_batch=1", "checkpoint.interval=3"]
-    reference = tmp_path / "reference"
-    proc = _cli("train", str(write_recipe(fixture_dir, reference)), *overrides)
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+def test_sigkill_and_resume_auto_reproduces_losses(fixture_dir, tmp_path, one_thread):
+    from hebtron.cli import main as hebtron_main
+
+    overrides = ["train.total_steps=24", "train.micro_batch=1", "checkpoint.interval=3"]
+    reference = tmp_path / "reference"  # in this process (one thread, like the subprocesses): one start fewer
+    assert hebtron_main(["train", str(write_recipe(fixture_dir, reference)), *overrides]) == 0
 
     run = tmp_path / "killed"
     recipe = write_recipe(fixture_dir, run)
@@ -64,20 +65,20 @@ def test_sigkill_and_resume_auto_reproduces_losses(fixture_dir, tmp_path):
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 14:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
             break
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     killed_at = len(read_metrics(metrics))
-    assert 14 <= killed_at < 40, "the run should have been killed midway"
+    assert 10 <= killed_at < 24, "the run should have been killed midway"
 
     proc = _cli("train", str(recipe), *overrides, "--resume", "auto")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "resumed from" in out
     ours, theirs = read_metrics(metrics), read_metrics(reference / "metrics.jsonl")
-    assert [r["step"] for r in ours] == list(range(1, 41))
+    assert [r["step"] for r in ours] == list(range(1, 25))
     assert [r["loss"] for r in ours] == [r["loss"] for r in theirs]  # bitwise
     assert [r["phase"] for r in ours] == [r["phase"] for r in theirs]
 

@@ -24,7 +24,7 @@ from hebtron.model.hf import hf_tensors_from_state, load_hf_state_dict
 from hebtron.recipe import Recipe
 from hebtron.train.checkpoint import load_checkpoint, save_checkpoint
 from hebtron.train.engine import MODEL_INPUTS, StepPlan, StepResult
-from hebtron.train.loss import token_loss_sum
+from hebtron.train.loss import token_loss_sum_from_hidden
 from hebtron.train.moe_step import MoEStep
 from hebtron.train.optim import build_adamw, clip_grad_norm
 from hebtron.train.schedule import set_lr
@@ -50,8 +50,10 @@ def accumulate_gradients(
     for i, micro in enumerate(micro_batches):
         micro = {k: v.to(backend.device) for k, v in micro.items()}
         with backend.autocast(precision):
-            output = model(**{k: micro[k] for k in MODEL_INPUTS if k in micro})
-        loss_sum = token_loss_sum(output.logits, micro["labels"], micro["loss_mask"])
+            output = model(**{k: micro[k] for k in MODEL_INPUTS if k in micro}, return_hidden=True)
+            # head + loss chunk by chunk: no (b, T, vocab) logits (the head weight is unsharded
+            # here: FSDP2 keeps the root's parameters gathered from forward through backward)
+            loss_sum = token_loss_sum_from_hidden(output.hidden, model.lm_head.weight, micro["labels"], micro["loss_mask"])
         loss = loss_sum * scale
         aux = moe.micro_batch_loss(output.routers, micro) if moe is not None else None
         if aux is not None:
@@ -126,8 +128,10 @@ class NativeEngine:
         for batch in batches:
             batch = {k: v.to(self.ops.device) for k, v in batch.items() if k != "cu_seqlens"}
             with self.ops.autocast(self.recipe.train.precision):
-                logits = self.model(**{k: batch[k] for k in MODEL_INPUTS}).logits
-            total[0] += token_loss_sum(logits, batch["labels"], batch["loss_mask"]).double()
+                hidden = self.model(**{k: batch[k] for k in MODEL_INPUTS}, return_hidden=True).hidden
+                total[0] += token_loss_sum_from_hidden(
+                    hidden, self.model.lm_head.weight, batch["labels"], batch["loss_mask"]
+                ).double()
             total[1] += batch["loss_mask"].double().sum()
         return float(total[0]), float(total[1])
 

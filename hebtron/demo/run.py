@@ -96,7 +96,6 @@ def run_sft(cpt_checkpoint: str) -> dict:
     """Packed SFT from the CPT checkpoint; prints the packing report and validation losses."""
     from hebtron.demo.sft_data import build_sft_demo
     from hebtron.recipe import load_recipe
-    from hebtron.train.commands import sft_report_lines
     from hebtron.backends.engines import make_trainer
 
     _section(f"6. supervised fine-tuning: {SFT_RECIPE} (English -> Hebrew UI strings, packed)")
@@ -105,7 +104,7 @@ def run_sft(cpt_checkpoint: str) -> dict:
     recipe = load_recipe(SFT_RECIPE, [f"model.hf_path={cpt_checkpoint}"])
     shutil.rmtree(recipe.logging.run_dir, ignore_errors=True)
     trainer = make_trainer(recipe)
-    for line in sft_report_lines(trainer):
+    for line in trainer.packing_report():
         print(line, flush=True)
     try:
         result = trainer.run()

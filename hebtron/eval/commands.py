@@ -18,11 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     run = ev_sub.add_parser("run", help="evaluate a checkpoint on a suite; write lm-eval's results JSON")
     run.add_argument("--suite", required=True, help="suite file, or a name in eval/suites/ (e.g. hebrew-mini)")
-    run.add_argument("--checkpoint", required=True, help="step_N checkpoint, checkpoints dir (latest) or HF dir")
+    run.add_argument("--checkpoint", required=True, help="step_N checkpoint (native or Megatron: converted once, cached in step_N/hf/), "
+                          "checkpoints dir (latest) or HF dir")
     run.add_argument("--out", required=True, type=Path, help="results JSON to write")
     run.add_argument("--backend", choices=["hebtron", "hf"], default="hebtron",
-                     help="hebtron: native model registered with lm-eval (no conversion); hf: lm-eval's hf model "
-                          "on an HF export (made on the fly for training checkpoints)")
+                     help="hebtron: native model registered with lm-eval; hf: lm-eval's hf model "
+                          "on an HF export (made on the fly for native training checkpoints)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     run.add_argument("--dtype", default=None, help="auto, float32, bfloat16 (default auto)")
     run.add_argument("--batch-size", type=int, default=None, help="override the suite's batch size")

@@ -1,7 +1,8 @@
 """The ``hebtron`` model for lm-eval: a :class:`HybridModel` scored without converting it.
 
 ``lm_eval.simple_evaluate(model="hebtron", model_args={"pretrained": CKPT})`` evaluates a training
-checkpoint (or any HF NemotronH directory) with hebtron's own decoder, which is exact on
+checkpoint of either backend (a Megatron one through its cached HF conversion, see
+:mod:`hebtron.eval.source`) or any HF NemotronH directory with hebtron's own decoder, which is exact on
 padded batches: generation left-pads and marks the padding as its own document (``seq_idx``),
 so Mamba state and attention never see it. Tokenization, truncation, stop sequences and
 post-processing mirror lm-eval's ``hf`` model, so both give the same scores on the same

@@ -38,9 +38,11 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 def _model(backend: str, checkpoint: str | Path, tokenizer: str | Path | None, device: str, dtype: str | None,
            scratch: Path, extra: dict[str, Any]) -> tuple[str, dict[str, Any], Any]:
-    """lm-eval model name and arguments; the hf backend exports training checkpoints first."""
+    """lm-eval model name and arguments; the hf backend exports native training checkpoints first
+    (a Megatron checkpoint's cached conversion already is a plain HF directory with its tokenizer)."""
     import torch
 
+    from hebtron.checkpoints import STATE_FILE
     from hebtron.eval.source import resolve_source
 
     source = resolve_source(checkpoint, tokenizer)
@@ -51,7 +53,7 @@ def _model(backend: str, checkpoint: str | Path, tokenizer: str | Path | None, d
                 "device": device, "dtype": dtype or "auto"}
         return "hebtron", args | extra, source
     model_dir = source.model_dir
-    if source.is_training_checkpoint or source.tokenizer_dir != model_dir:
+    if (model_dir / STATE_FILE).is_file() or source.tokenizer_dir != model_dir:
         # lm-eval's hf model wants one plain HF directory holding the tokenizer: write one
         from hebtron.model.hf import load_hf, save_hf
         from hebtron.data.tokenizer import load_hf_tokenizer
@@ -114,7 +116,8 @@ def run_suite(
         "suite": suite.name,
         "suite_file": str(suite_file.resolve()),
         "tasks": list(suite.tasks),
-        "checkpoint": str(source.model_dir),
+        "checkpoint": str(source.checkpoint),
+        "weights": str(source.model_dir),
         "tokenizer": str(source.tokenizer_dir),
         "step": source.step,
         "backend": backend,

@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="gate policy (default: SUITE.gate.yaml beside the suite file)")
     submit.add_argument("--eval-baseline", default=None, metavar="PATH",
                         help="baseline results JSON or model directory (default: the recipe's model.hf_path)")
+    submit.add_argument("--eval-tasks-dir", action="append", default=[], metavar="DIR", dest="eval_tasks_dirs",
+                        help="task dir built at run time, replacing the suite's workdir_include (repeatable; "
+                             "default: those, from the directory you submit from)")
     submit.add_argument("--no-check-paths", action="store_true",
                         help="do not require the recipe's input files to exist here (they exist on the cluster)")
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch script(s); write and submit nothing")
@@ -54,6 +57,7 @@ def _submit(args: argparse.Namespace) -> int:
         eval_suite=args.eval_suite,
         eval_policy=args.eval_policy,
         eval_baseline=args.eval_baseline,
+        eval_tasks_dirs=list(args.eval_tasks_dirs),
         check_paths=not args.no_check_paths,
         create=not args.dry_run,
     )

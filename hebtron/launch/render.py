@@ -33,6 +33,9 @@ class EvalChain:
     policy: str              # gate policy YAML
     baseline: str            # a results JSON, or a model/checkpoint directory evaluated first
     baseline_is_results: bool
+    # the suite's task dirs built at run time (``workdir_include``, ``--eval-tasks-dir``), made
+    # absolute at submit time: the job runs in its own working directory, not where submit ran
+    tasks_dirs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ def render_eval(spec: JobSpec) -> str:
         "policy": chain.policy,
         "baseline": chain.baseline,
         "baseline_is_results": chain.baseline_is_results,
+        "tasks_dirs": chain.tasks_dirs,
     }
     script = _environment().get_template(EVAL_TEMPLATE).render(context)
     check_sbatch_script(script)

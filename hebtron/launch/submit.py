@@ -84,13 +84,47 @@ def _find_suite_file(suite: str) -> Path | None:
     return None
 
 
+def _tasks_dirs(suite_file: Path | None, given: list[str], check_paths: bool) -> tuple[str, ...]:
+    """The suite's run-time task directories as absolute paths, from the directory submit runs in.
+
+    A suite's ``workdir_include`` is relative to the working directory of ``hebtron eval run``
+    (``hebtron data demo`` builds ``runs/demo/eval/tasks`` there). The job does not run where
+    submit ran (its working directory is ``paths.workdir``, else the job directory), so they are
+    resolved here, like the recipe's paths, and checked now rather than after the training job.
+    ``given`` (``--eval-tasks-dir``) replaces them, as ``--tasks-dir`` does for ``eval run``.
+    Without ``check_paths`` (the files are on the cluster) nothing is resolved: ``given`` is
+    passed as it is, and the suite's own ``workdir_include`` applies in the job's working directory."""
+    if not check_paths:
+        return tuple(given)
+    if given:
+        for d in given:
+            if not Path(d).is_dir():
+                raise UserError(f"--eval-tasks-dir {d}: no such directory")
+        return tuple(os.path.abspath(d) for d in given)
+    if suite_file is None:
+        return ()
+    from hebtron.eval.config import load_suite
+
+    dirs = load_suite(suite_file)[0].workdir_include
+    for d in dirs:
+        if not Path(d).is_dir():
+            hint = "build it with `hebtron data demo`, " if "demo" in d else ""
+            where = "" if os.path.isabs(d) else f" under {os.getcwd()}"
+            raise UserError(f"{suite_file}: workdir_include {d}: no such task directory{where}; "
+                            f"{hint}submit from the directory that holds it, or give --eval-tasks-dir DIR")
+    return tuple(os.path.abspath(d) for d in dirs)
+
+
 def eval_chain(
-    suite: str, policy: str | None, baseline: str | None, recipe: Recipe, check_paths: bool = True
+    suite: str, policy: str | None, baseline: str | None, recipe: Recipe, check_paths: bool = True,
+    tasks_dirs: list[str] | None = None,
 ) -> EvalChain:
-    """Resolve the evaluation chain's suite, gate policy and baseline; fail early on a typo.
+    """Resolve the evaluation chain's suite, gate policy, baseline and run-time task
+    directories; fail early on a typo.
 
     With ``check_paths`` off (the files exist only on the cluster) the values are taken as
-    given: a suite name stays a name, a baseline ending in ``.json`` is a results file.
+    given: a suite name stays a name, a baseline ending in ``.json`` is a results file, task
+    directories are left to the job's working directory.
     """
     suite_file = _find_suite_file(suite)
     if suite_file is None and check_paths:
@@ -128,6 +162,7 @@ def eval_chain(
         policy=os.path.abspath(policy_path),
         baseline=os.path.abspath(baseline_path),
         baseline_is_results=is_results,
+        tasks_dirs=_tasks_dirs(suite_file, list(tasks_dirs or []), check_paths),
     )
 
 
@@ -158,17 +193,25 @@ def prepare(
     eval_suite: str | None = None,
     eval_policy: str | None = None,
     eval_baseline: str | None = None,
+    eval_tasks_dirs: list[str] | None = None,
     check_paths: bool = True,
     create: bool = False,
 ) -> Prepared:
-    """Load and check everything, pick the job directory (made when ``create``), render."""
+    """Load and check everything, pick the job directory (made when ``create``), render.
+
+    The job's working directory is the profile's ``paths.workdir``, else the job directory:
+    never the directory submit was called from, which the job must not depend on (everything
+    relative is resolved here: the recipe's paths, the eval chain's files and task dirs)."""
     profile_name, profile = load_profile(cluster, nodes, time_limit)
     recipe = load_job_recipe(recipe_path, overrides, profile, check_paths)
     run_dir = Path(recipe.logging.run_dir)
     job_name = safe_name(name or run_dir.name)
     if name is not None and job_name != name:
         raise UserError(f"--name {name!r}: use letters, digits, '_', '.' and '-' only (e.g. {job_name!r})")
-    chain = eval_chain(eval_suite, eval_policy, eval_baseline, recipe, check_paths) if eval_suite else None
+    if eval_tasks_dirs and not eval_suite:
+        raise UserError("--eval-tasks-dir: only with --eval-suite")
+    chain = (eval_chain(eval_suite, eval_policy, eval_baseline, recipe, check_paths, eval_tasks_dirs)
+             if eval_suite else None)
     jobs_root = Path(os.path.abspath(profile.paths.jobs))
     job_dir = _job_dir(jobs_root, job_name, create)
     spec = JobSpec(
@@ -179,7 +222,7 @@ def prepare(
         recipe=str(job_dir / RECIPE_FILE),
         run_dir=str(run_dir),
         ckpt_dir=str(recipe.checkpoint.dir),
-        workdir=profile.paths.workdir or os.getcwd(),
+        workdir=os.path.abspath(profile.paths.workdir) if profile.paths.workdir else str(job_dir),
         venv=venv_path(profile),
         eval=chain,
     )

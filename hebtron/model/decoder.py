@@ -4,10 +4,15 @@ Module names equal the on-disk Hugging Face names (``backbone.layers.N.mixer...`
 so that import/export is a rename of the expert tensors only. Parallelism (FSDP2, Megatron) is
 applied from outside.
 
-Packed sequences: pass ``seq_idx`` (b, T), the document index of every token. Attention gets a
-per-document causal mask and every Mamba layer restarts its conv and scan state at document
-starts, so a packed row computes exactly what each document computes alone. Without
-``seq_idx``, it is derived from ``position_ids`` resets when those are given.
+Packed sequences: pass ``seq_idx`` (b, T), the document index of every token. Attention stays
+inside each document (causal; no dense mask: see :mod:`hebtron.model.attention` for the paths)
+and every Mamba layer restarts its conv and scan state at document starts, so a packed row
+computes exactly what each document computes alone. Without ``seq_idx``, it is derived from
+``position_ids`` resets when those are given.
+
+Training can leave the head to the loss: ``model(..., return_hidden=True)`` returns the final
+hidden states and no logits, and :func:`hebtron.train.loss.token_loss_sum_from_hidden` runs
+``lm_head`` and the cross-entropy chunk by chunk, never holding (b, T, vocab) fp32 logits.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hebtron.model.attention import Attention, document_causal_mask
+from hebtron.model.attention import Attention, Documents, attention_path, prepare_documents
 from hebtron.model.config import HybridConfig
 from hebtron.model.mamba2 import Mamba2Mixer
 from hebtron.model.mlp import MLP
@@ -29,8 +34,9 @@ from hebtron.model.norms import RMSNorm
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (b, T, vocab), fp32
+    logits: torch.Tensor | None  # (b, T, vocab), fp32; None with return_hidden=True
     routers: list[RouterRecord] = field(default_factory=list)  # one per MoE layer, in layer order
+    hidden: torch.Tensor | None = None  # (b, T, hidden) after the final norm, with return_hidden=True
 
 
 class Block(nn.Module):
@@ -50,14 +56,14 @@ class Block(nn.Module):
             self.mixer = MoE(config, layer_idx)
 
     def forward(
-        self, hidden: torch.Tensor, seq_idx: torch.Tensor | None, attn_mask: torch.Tensor | None
+        self, hidden: torch.Tensor, seq_idx: torch.Tensor | None, documents: Documents | None
     ) -> tuple[torch.Tensor, RouterRecord | None]:
         x = self.norm(hidden)
         record = None
         if self.kind == "mamba":
             x = self.mixer(x, seq_idx)
         elif self.kind == "attention":
-            x = self.mixer(x, attn_mask)
+            x = self.mixer(x, documents)
         elif self.kind == "moe":
             x, record = self.mixer(x)
         else:
@@ -82,6 +88,9 @@ class HybridModel(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
         self.activation_checkpointing = False
+        # "auto" picks per device and dtype (hebtron.model.attention); tests force "dense" (the
+        # reference), "flex" or "segments" to compare them.
+        self.attention_impl = "auto"
         self.reset_parameters()
 
     @torch.no_grad()
@@ -119,23 +128,35 @@ class HybridModel(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
+        return_hidden: bool = False,
     ) -> ModelOutput:
-        """input_ids (b, T); position_ids / seq_idx (b, T) for packed rows. Returns logits and router records."""
+        """input_ids (b, T); position_ids / seq_idx (b, T) for packed rows. Returns logits (or,
+        with ``return_hidden``, the final hidden states for a chunked head + loss) and router records."""
         seq_idx = _document_index(input_ids, position_ids, seq_idx)
-        attn_mask = None
-        if seq_idx is not None and "attention" in self.config.layer_types:
-            attn_mask = document_causal_mask(seq_idx)
+        documents = None
+        if "attention" in self.config.layer_types:
+            path = attention_path(input_ids.device, self._compute_dtype(input_ids.device), self.config.attn_head_dim,
+                                  seq_idx is not None, self.attention_impl)
+            documents = prepare_documents(seq_idx, path) if path != "sdpa_causal" else None
         hidden = self.backbone.embeddings(input_ids)
         routers: list[RouterRecord] = []
         for block in self.backbone.layers:
             if self.activation_checkpointing and self.training:
-                hidden, record = checkpoint(block, hidden, seq_idx, attn_mask, use_reentrant=False)
+                hidden, record = checkpoint(block, hidden, seq_idx, documents, use_reentrant=False)
             else:
-                hidden, record = block(hidden, seq_idx, attn_mask)
+                hidden, record = block(hidden, seq_idx, documents)
             if record is not None:
                 routers.append(record)
         hidden = self.backbone.norm_f(hidden)
+        if return_hidden:
+            return ModelOutput(logits=None, routers=routers, hidden=hidden)
         return ModelOutput(logits=self.lm_head(hidden).float(), routers=routers)
+
+    def _compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype attention will run in: autocast's where it is on, else the weights'."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.backbone.embeddings.weight.dtype
 
 
 def _document_index(

@@ -29,7 +29,7 @@ class RouterRecord:
     scores: torch.Tensor  # (N, E) fp32 sigmoid or softmax scores, differentiable
     topk_idx: torch.Tensor  # (N, k) selected experts
     topk_weight: torch.Tensor  # (N, k) combine weights (normalized, scaled), differentiable
-    tokens_per_expert: torch.Tensor  # (E,) int64 assignment counts over all N tokens
+    tokens_per_expert: torch.Tensor  # (E,) int64 assignment counts over all N tokens, on the device
 
     @property
     def num_experts(self) -> int:
@@ -68,28 +68,83 @@ class TopKRouter(nn.Module):
         return logits, scores, topk_idx, topk_weight * self.scaling
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """grouped_mm is not on autocast's op lists: cast by hand to what autocast would use."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
+    return t if t.shape[-1] == size else F.pad(t, (0, size - t.shape[-1]))
+
+
+def grouped_experts(
+    x_sorted: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor, tokens_per_expert: torch.Tensor
+) -> torch.Tensor:
+    """Squared-ReLU experts over tokens sorted by expert, as two ``grouped_mm`` calls.
+
+    ``x_sorted`` (M, H) holds expert 0's rows first, then expert 1's, ...; ``tokens_per_expert``
+    (E,) stays on the device (offsets are its int32 cumsum), so nothing waits for the host.
+    grouped_mm wants each operand's row stride to be a multiple of 16 bytes (CPU and CUDA alike);
+    a width off that (toy shapes only, e.g. 20 in bf16) is zero-padded, which changes no sum.
+    Group sizes need no padding for bf16/fp32 (only fp8 variants want aligned groups).
+    """
+    dtype = _compute_dtype(x_sorted)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"grouped experts: grouped_mm takes float32, bfloat16 or float16, not {dtype}; "
+                        "set experts.grouped = False to run the per-expert loop")
+    align = 16 // dtype.itemsize
+    hidden, inner = up_proj.shape[2], up_proj.shape[1]
+    hidden_p, inner_p = -(-hidden // align) * align, -(-inner // align) * align
+    offsets = tokens_per_expert.flip(0).cumsum(0, dtype=torch.int32)
+    up = up_proj.to(dtype)  # (E, inner, hidden)
+    down = down_proj.to(dtype)  # (E, hidden, inner)
+    if (hidden_p, inner_p) != (hidden, inner):
+        up = F.pad(up, (0, hidden_p - hidden, 0, inner_p - inner))
+        down = F.pad(down, (0, inner_p - inner, 0, hidden_p - hidden))
+    h = F.grouped_mm(_pad_last(x_sorted.to(dtype), hidden_p), up.transpose(-2, -1), offs=offsets)
+    y = F.grouped_mm(relu2(h), down.transpose(-2, -1), offs=offsets)
+    return y[:, :hidden] if hidden_p != hidden else y
+
+
+def looped_experts(
+    x_sorted: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor, tokens_per_expert: torch.Tensor
+) -> torch.Tensor:
+    """The reference: one matmul pair per expert with tokens (reads the counts on the host)."""
+    outputs = []
+    start = 0
+    for expert, count in enumerate(tokens_per_expert.tolist()):
+        if count:
+            chunk = x_sorted[start : start + count]
+            outputs.append(relu2(chunk @ up_proj[expert].t()) @ down_proj[expert].t())
+        start += count
+    return torch.cat(outputs)
+
+
 class Experts(nn.Module):
-    """Routed squared-ReLU experts stored as stacked 3-D weights (on disk: one tensor per expert)."""
+    """Routed squared-ReLU experts stored as stacked 3-D weights (on disk: one tensor per expert).
+
+    ``grouped`` (default) runs them through ``grouped_mm``; False runs the per-expert loop, the
+    reference the tests compare against.
+    """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.grouped = True
 
-    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, counts: list[int]):
-        """Tokens sorted by expert, one matmul pair per expert with tokens, scattered back."""
+    def forward(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, tokens_per_expert: torch.Tensor
+    ) -> torch.Tensor:
+        """Tokens permuted by expert (a stable argsort on the device), the experts, weighted, scattered back."""
         k = topk_idx.shape[1]
         order = topk_idx.reshape(-1).argsort(stable=True)
         token_of = order // k
         x_sorted = x[token_of]
-        outputs = []
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                chunk = x_sorted[start : start + count]
-                outputs.append(relu2(chunk @ self.up_proj[expert].t()) @ self.down_proj[expert].t())
-            start += count
-        y = torch.cat(outputs) * topk_weight.reshape(-1)[order, None]
+        run = grouped_experts if self.grouped else looped_experts
+        y = run(x_sorted, self.up_proj, self.down_proj, tokens_per_expert) * topk_weight.reshape(-1)[order, None]
         return torch.zeros(x.shape[0], x.shape[1], dtype=y.dtype, device=x.device).index_add_(0, token_of, y)
 
 
@@ -115,9 +170,13 @@ class MoE(nn.Module):
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         logits, scores, topk_idx, topk_weight = self.gate(x)
-        tokens_per_expert = torch.bincount(topk_idx.reshape(-1), minlength=self.gate.num_experts)
+        flat_idx = topk_idx.reshape(-1)
+        # scatter_add, not bincount: CUDA's bincount reads the max on the host
+        tokens_per_expert = torch.zeros(self.gate.num_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_idx, torch.ones_like(flat_idx)
+        )
         routed_in = self.fc1_latent_proj(x) if self.fc1_latent_proj is not None else x
-        routed = self.experts(routed_in, topk_idx, topk_weight, tokens_per_expert.tolist())
+        routed = self.experts(routed_in, topk_idx, topk_weight, tokens_per_expert)
         if self.fc2_latent_proj is not None:
             routed = self.fc2_latent_proj(routed.to(x.dtype))
         out = routed.to(hidden.dtype).view(shape)

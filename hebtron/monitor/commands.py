@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "probe", help="run mixed-language text through a checkpoint and print per-layer, per-language routing"
     )
     probe.add_argument("--checkpoint", type=Path, required=True,
-                       help="a hebtron checkpoint (step_N or a checkpoints dir) or a HF NemotronH directory")
+                       help="a hebtron checkpoint (step_N of either backend, or a checkpoints dir) or a HF "
+                            "NemotronH directory; a Megatron one is converted once (cached in step_N/hf/)")
     probe.add_argument("--data", type=Path, nargs="+", required=True,
                        help=".jsonl / .parquet / HF dataset dir with 'text' and 'lang' fields")
     probe.add_argument("--tokenizer", type=Path, help="default: the checkpoint's own or the one its run used")
@@ -30,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _probe(args: argparse.Namespace) -> int:
+    from hebtron.backends.hf_dirs import hf_checkpoint
+    from hebtron.checkpoints import checkpoint_tokenizer
     from hebtron.errors import UserError
     from hebtron.monitor.probe import probe
     from hebtron.monitor.router import format_table
@@ -37,8 +40,11 @@ def _probe(args: argparse.Namespace) -> int:
     for name in ("batches", "batch_size", "seq_len"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
-    result = probe(args.checkpoint, args.data, args.tokenizer, args.batches, args.batch_size, args.seq_len,
+    found = hf_checkpoint(args.checkpoint)  # a Megatron checkpoint: its HF conversion
+    tokenizer = checkpoint_tokenizer(found.weights_ref, args.tokenizer)
+    result = probe(found.hf_dir, args.data, tokenizer, args.batches, args.batch_size, args.seq_len,
                    args.dtype, args.active_threshold)
+    result["checkpoint"] = str(found.ref.path)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
         return 0

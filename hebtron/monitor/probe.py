@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from hebtron.checkpoints import checkpoint_tokenizer, resolve_checkpoint
+from hebtron.checkpoints import checkpoint_tokenizer, is_megatron_checkpoint, resolve_checkpoint
 from hebtron.data.documents import ReadStats, iter_documents
 from hebtron.lang import UNKNOWN_LANG
-from hebtron.errors import UserError
+from hebtron.errors import CheckpointError, UserError
 from hebtron.monitor.router import RouterStats
 
 def _interleaved_documents(paths: Sequence[Path]) -> Iterator[tuple[str, int]]:
@@ -77,12 +77,16 @@ def probe(
     active_threshold: float = 0.25,
 ) -> dict[str, Any]:
     """Route ``batches`` x ``batch_size`` rows of ``data`` through ``checkpoint``; the figures as
-    ``{"layers": [{"layer": i, "lang": {lang: figures}}], ...}``."""
+    ``{"layers": [{"layer": i, "lang": {lang: figures}}], ...}``. ``checkpoint`` holds HF weights
+    (the command converts a Megatron checkpoint first, with ``hebtron.backends.hf_dirs``)."""
     from hebtron.data.tokenizer import load_hf_tokenizer
     from hebtron.model.hf import load_hf
 
     ref = resolve_checkpoint(checkpoint)
     ckpt = ref.path
+    if is_megatron_checkpoint(ckpt):
+        raise CheckpointError(f"{ckpt}: a Megatron checkpoint; probe its HF conversion "
+                              "(hebtron.backends.hf_dirs.hf_directory, or `hebtron monitor probe`)")
     tok = load_hf_tokenizer(checkpoint_tokenizer(ref, tokenizer))
     model = load_hf(ckpt, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype or "float32"])
     layers = [i for i, kind in enumerate(model.config.layer_types) if kind == "moe"]

@@ -75,7 +75,10 @@ class Section(BaseModel):
 class ModelSection(Section):
     """Start from a Hugging Face NemotronH checkpoint (``hf_path``) or from scratch (``init``)."""
 
-    hf_path: Path | None = Field(None, description="Hugging Face NemotronH checkpoint directory")
+    hf_path: Path | None = Field(
+        None, description="Hugging Face NemotronH directory, a hebtron step_N (native, or Megatron: converted once, "
+                          "cached in step_N/hf/) or a checkpoints directory (its latest)"
+    )
     init: dict[str, Any] | None = Field(
         None, description="inline HybridConfig fields for a model trained from scratch (checked by hebtron.model)"
     )
@@ -89,7 +92,7 @@ class ModelSection(Section):
         if isinstance(resolved, Path) and safely(Path.is_file, resolved / "latest"):
             resolved = _latest_checkpoint(resolved)  # a hebtron checkpoints directory: its newest step_N
         if checked and isinstance(resolved, Path) and not safely(Path.is_file, resolved / "config.json"):
-            raise MissingPath(f"no config.json in {resolved}; expected a Hugging Face NemotronH checkpoint directory")
+            raise MissingPath(f"no config.json in {resolved}; expected a Hugging Face NemotronH directory or a hebtron checkpoint")
         return resolved
 
     @model_validator(mode="after")
@@ -297,6 +300,12 @@ class CheckpointSection(Section):
     dir: OutputPath | None = Field(None, description="default: <logging.run_dir>/checkpoints (set after loading)")
     interval: int = Field(1000, ge=0, description="steps between checkpoints; 0: only at the end")
     keep_last: int = Field(3, ge=0, description="checkpoints kept; 0 keeps all")
+    reshardable: bool = Field(
+        False,
+        description="megatron backend: write the distributed optimizer's state fully reshardable, so a resume may "
+                    "change tp / ep / pp (every save gathers it over the data-parallel ranks: slower, far more memory); "
+                    "default dp_reshardable: each rank writes its own shard, resumable at another dp only",
+    )
 
 
 class LoggingSection(Section):
@@ -327,7 +336,31 @@ class MegatronSection(Section):
     fp8_recipe: Literal["tensorwise", "delayed", "mxfp8", "blockwise"] = Field(
         "tensorwise", description="FP8 scaling recipe; mxfp8 on Blackwell (B300)"
     )
-    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    token_dispatcher: Literal["alltoall", "allgather", "flex"] = Field(
+        "alltoall", description="MoE token dispatcher; flex: DeepEP / HybridEP kernels (CUDA, deep_ep installed)"
+    )
+    flex_backend: Literal["deepep", "hybridep"] = Field("deepep", description="token_dispatcher flex: which kernels")
+    local_spec: bool = Field(
+        False,
+        description="use hebtron's local layer specs even on CUDA (no Transformer Engine / mamba-ssm kernels: dense "
+                    "attention masks, a per-expert loop); without it a CUDA run missing those kernels stops",
+    )
+    # GPU speed settings (Megatron-Bridge's Nemotron 3 Nano recipes turn them all on); forced off on CPU
+    overlap_grad_reduce: bool = Field(False, description="overlap the data-parallel gradient reduce-scatter with backward")
+    overlap_param_gather: bool = Field(
+        False, description="overlap the distributed optimizer's parameter all-gather with forward (needs overlap_grad_reduce)"
+    )
+    gradient_accumulation_fusion: bool = Field(False, description="fuse weight-gradient accumulation (Transformer Engine)")
+    moe_permute_fusion: bool = Field(False, description="fused MoE token permutation (Transformer Engine)")
+    cross_entropy_loss_fusion: bool = Field(False, description="fused vocab-parallel cross entropy (Megatron's native kernel)")
+
+    @model_validator(mode="after")
+    def _overlaps(self) -> MegatronSection:
+        if self.overlap_param_gather and not self.overlap_grad_reduce:
+            raise FieldProblem(("overlap_param_gather",), "needs overlap_grad_reduce: true")
+        if self.overlap_param_gather and not self.distributed_optimizer:
+            raise FieldProblem(("overlap_param_gather",), "needs distributed_optimizer: true")
+        return self
 
 
 # ------------------------------------------------------------------------------------- moe

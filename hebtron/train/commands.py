@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hebtron.train.stop_signals import StopSignals
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sft.set_defaults(func=_train, sft=True)
 
     export = sub.add_parser("export", help="write a checkpoint as a Hugging Face NemotronH directory")
-    export.add_argument("checkpoint", type=Path, help="a checkpoint (step_N) or a checkpoints directory (uses latest)")
+    export.add_argument("checkpoint", type=Path,
+                        help="a checkpoint (step_N, native or Megatron) or a checkpoints directory (uses latest)")
     export.add_argument("--hf", type=Path, required=True, metavar="OUT", help="output directory")
     export.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="cast weights on export")
     export.set_defaults(func=_export)
@@ -41,22 +46,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 STOPPED_EXIT_CODE = 75
 
 
-def _record_stop_signals() -> list[int]:
-    """Until the trainer installs its own handlers, note SIGUSR1/SIGTERM instead of dying:
-    a Slurm signal that lands while torch is still importing must not lose the job's exit code."""
-    import signal
-
-    seen: list[int] = []
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        try:
-            signal.signal(sig, lambda signum, _frame: seen.append(signum))
-        except ValueError:  # not the main thread
-            pass
-    return seen
-
-
 def _train(args: argparse.Namespace) -> int:
-    early_signals = _record_stop_signals()
+    """Train with SIGUSR1/SIGTERM held for the whole command: blocked from before torch is
+    imported (a Slurm signal that lands while importing must not lose the job's exit code), taken
+    at step boundaries, and inherited blocked by every helper process, which therefore lives
+    through the signal whose checkpoint it helps write (:mod:`hebtron.train.stop_signals`)."""
+    from hebtron.train.stop_signals import StopSignals
+
+    stops = StopSignals().hold()
+    try:
+        return _run_training(args, stops)
+    finally:
+        stops.release()
+
+
+def _run_training(args: argparse.Namespace, stops: StopSignals) -> int:
     from hebtron.recipe import load_recipe
     from hebtron.train.guards import TrainingAborted
     from hebtron.backends.engines import make_trainer
@@ -66,15 +70,15 @@ def _train(args: argparse.Namespace) -> int:
         from hebtron.errors import UserError
 
         raise UserError(f"{args.recipe}: sft: missing; an SFT recipe needs an sft: section (sft: {{}} for defaults)")
-    if early_signals:
-        print(f"signal {early_signals[0]} before training started: stopping (nothing new to save)", flush=True)
+    if (early := stops.take()) is not None:
+        print(f"signal {early} before training started: stopping (nothing new to save)", flush=True)
         return STOPPED_EXIT_CODE
     trainer = make_trainer(recipe, resume=args.resume)
     if trainer.ops.is_main and recipe.sft is not None:
-        for line in sft_report_lines(trainer):
+        for line in trainer.packing_report():
             print(line, flush=True)
-    if early_signals:
-        print(f"signal {early_signals[0]} before training started: stopping (nothing new to save)", flush=True)
+    if (early := stops.take()) is not None:
+        print(f"signal {early} before training started: stopping (nothing new to save)", flush=True)
         trainer.close()
         return STOPPED_EXIT_CODE
     try:
@@ -96,19 +100,10 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def sft_report_lines(trainer) -> list[str]:
-    """The packing report of an SFT trainer's training and validation data."""
-    lines = ["packing (best-fit decreasing):", *("  " + x for x in trainer.data.report_lines())]
-    for batches in trainer.valid.values():
-        if batches.report is not None:
-            lines += ["  " + x for x in batches.report.lines()]
-    return lines
-
-
 def _export(args: argparse.Namespace) -> int:
-    from hebtron.train.export import export_checkpoint
+    from hebtron.backends.hf_dirs import export_hf  # either backend's checkpoints (Megatron: converted)
 
-    out = export_checkpoint(args.checkpoint, args.hf, args.dtype)
+    out = export_hf(args.checkpoint, args.hf, args.dtype)
     print(f"exported {out}")
     return 0
 

@@ -34,6 +34,7 @@ from hebtron.train.guards import EarlyKillGuard, NanGuard, TrainingAborted
 from hebtron.train.metrics import MetricsWriter, Progress
 from hebtron.train.schedule import TokenSchedule
 from hebtron.train.setup import build_train_data, build_valid_data
+from hebtron.train.stop_signals import take_pending as take_pending_stop_signal
 
 
 @dataclass
@@ -230,6 +231,16 @@ class Trainer:
         """The critical batch estimate in sequences (the estimator works in loss tokens)."""
         return self.noise.b_simple / self._tokens_per_sequence if self._tokens_per_sequence else math.nan
 
+    def packing_report(self) -> list[str]:
+        """SFT runs: how the training and validation conversations were packed (fill, padding)."""
+        if self.recipe.sft is None:
+            return []
+        lines = ["packing (best-fit decreasing):", *("  " + x for x in self.data.report_lines())]
+        for batches in self.valid.values():
+            if batches.report is not None:
+                lines += ["  " + x for x in batches.report.lines()]
+        return lines
+
     def evaluate(self) -> dict[str, float]:
         """Mean next-token loss per validation source (the same fixed batches every time)."""
         out = {}
@@ -298,7 +309,11 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         """A stop signal on any rank stops every rank after the same step (one tiny all-reduce
-        per step when distributed), so that all of them reach the checkpoint's collectives."""
+        per step when distributed), so that all of them reach the checkpoint's collectives.
+        Under ``hebtron train`` the signals are blocked and wait here, pending
+        (:mod:`hebtron.train.stop_signals`); the handler covers a Trainer run without that."""
+        if self._stop_signal is None:
+            self._stop_signal = take_pending_stop_signal()
         if self.ops.distributed:
             flag = torch.tensor([0.0 if self._stop_signal is None else 1.0], device=self.ops.device)
             if float(self.ops.all_reduce_sum(flag).item()) > 0 and self._stop_signal is None:

@@ -4,7 +4,9 @@ The Megatron side is written with whole tensors (one process); Megatron reads an
 slice of it, so one converted checkpoint serves every parallel layout. hebtron stores the HF
 ``config.json`` beside the shards as ``hebtron_config.json`` so the way back needs no flags.
 On a machine without CUDA the CPU compatibility layer is applied first (Megatron's checkpoint
-writer assumes a GPU); on GPU machines nothing is patched.
+writer assumes a GPU); on GPU machines nothing is patched. The way back
+(:func:`megatron_to_hf_dir`) needs neither: it reads the files with ``torch.distributed.checkpoint``
+on one process (:mod:`.hf_export`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from hebtron.backends.megatron.convert import hf_to_megatron, load_canonical, megatron_to_hf, save_canonical
+from hebtron.backends.megatron.convert import hf_to_megatron, save_canonical
 from hebtron.errors import CheckpointError
 from hebtron.model.config import HybridConfig
 
@@ -58,31 +60,13 @@ def hf_dir_to_megatron(hf_dir: str | Path, out: str | Path) -> Path:
 def megatron_to_hf_dir(
     checkpoint: str | Path, out: str | Path, model_config: str | Path | None = None, dtype: str | None = None
 ) -> Path:
-    """Write a HF NemotronH directory from a Megatron distributed checkpoint (model weights only)."""
-    from hebtron.model.decoder import HybridModel
-    from hebtron.model.hf import save_hf
+    """``hebtron convert megatron-to-hf``: a Megatron ``step_N``, checkpoints directory (latest) or
+    distributed checkpoint -> a complete HF directory (weights, config, and for training
+    checkpoints the tokenizer and chat template), streamed one layer at a time
+    (:func:`hebtron.backends.megatron.hf_export.export_megatron`)."""
+    from hebtron.backends.megatron.hf_export import export_megatron
 
-    checkpoint = Path(checkpoint)
-    if (checkpoint / "megatron" / "metadata.json").is_file():  # a megatron-backend training checkpoint step_N/
-        checkpoint = checkpoint / "megatron"
-    config_path = Path(model_config) if model_config else checkpoint / CONFIG_NAME
-    if not model_config and not config_path.is_file():
-        config_path = checkpoint.parent / CONFIG_NAME  # step_N/hebtron_config.json beside step_N/megatron/
-    if not config_path.is_file():
-        raise CheckpointError(f"{checkpoint}: no {CONFIG_NAME}; pass --model-config with the model's config.json")
-    config = HybridConfig.from_json_file(config_path)
-    _prepare()
-    state = megatron_to_hf(load_canonical(checkpoint), config)
-    with torch.device("meta"):
-        model = HybridModel(config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.backbone.embeddings.weight
-        missing = [m for m in missing if m != "lm_head.weight"]
-    if missing or unexpected:
-        raise CheckpointError(f"{checkpoint}: weights do not match {config_path}: missing {missing[:2]}, unexpected {unexpected[:2]}")
-    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, None: None}[dtype]
-    return save_hf(model, out, dtype=torch_dtype)
+    return export_megatron(checkpoint, out, dtype=dtype, model_config=model_config)
 
 
 class LazyHFState(Mapping):

@@ -22,10 +22,12 @@ all-to-all dispatcher               CUDA side stream + host copies of split size
 Rules:
 - :func:`apply` runs only where no CUDA exists: in ``hebtron preflight`` workers, in tests, and
   in CPU-side runs of the megatron backend and ``hebtron convert`` (Megatron's checkpoint writer
-  needs it there). It refuses to run where CUDA is available; GPU training never patches.
-- The patches are pinned to :data:`TESTED_VERSION`; another megatron-core refuses to patch
-  (``force=True`` overrides, at the caller's risk) because Megatron's internals move between
-  releases. Patches change process-global state: apply them in processes of their own.
+  needs it there). It refuses, with one line, to run where CUDA is available; GPU training never
+  patches, on any megatron-core version.
+- The patches are pinned to :data:`TESTED_VERSION`; another megatron-core (0.17+ on Python 3.12)
+  refuses to patch with one line (``force=True`` overrides, at the caller's risk) because
+  Megatron's internals move between releases (:func:`refusal` is the rule). Patches change
+  process-global state: apply them in processes of their own.
 - Each patch replaces one CUDA-only call with its CPU equivalent and says why; none changes
   numerics. The layer specs that make Nemotron-H run on CPU at all (Mamba mixer, packed
   attention) are not patches: they are hebtron modules in :mod:`.specs`.
@@ -55,19 +57,31 @@ def is_applied() -> bool:
     return _APPLIED
 
 
+def refusal(cuda: bool, version: str) -> str | None:
+    """Why the patches must not be applied in this process (None: they may be).
+
+    A pure function of the two facts it depends on, so the rule is testable on any machine:
+    never where CUDA runs (GPU training uses Megatron's own code paths, unpatched), and never on
+    a megatron-core other than :data:`TESTED_VERSION` (the patched internals move between releases)."""
+    if cuda:
+        return ("megatron CPU compatibility layer: CUDA is available in this process, and hebtron never patches "
+                "megatron-core where GPUs run (for a CPU-only run, hide the GPUs: CUDA_VISIBLE_DEVICES=)")
+    if version != TESTED_VERSION:
+        return (f"megatron-core {version} is installed; hebtron's CPU runs of the megatron backend (tests, preflight, "
+                f"convert) patch its CUDA-only calls and are tested with {TESTED_VERSION} only "
+                f"(pip install megatron-core=={TESTED_VERSION}, Python 3.11 or 3.12; GPU runs accept 0.16.1 and later)")
+    return None
+
+
 def apply(force: bool = False) -> None:
-    """Patch megatron-core for CPU processes (idempotent). Refuses on a machine with CUDA."""
+    """Patch megatron-core for CPU processes (idempotent). Refuses with one line where CUDA runs
+    or another megatron-core is installed (``force=True`` overrides, at the caller's risk)."""
     global _APPLIED
     if _APPLIED:
         return
-    if torch.cuda.is_available() and not force:
-        raise RuntimeError("hebtron's megatron CPU compatibility layer must not be applied where CUDA runs")
-    version = installed_version()
-    if version != TESTED_VERSION and not force:
-        raise UserError(
-            f"megatron-core {version} is installed; hebtron's CPU preflight is tested with {TESTED_VERSION} "
-            f"(pip install megatron-core=={TESTED_VERSION})"
-        )
+    problem = refusal(torch.cuda.is_available(), installed_version())
+    if problem is not None and not force:
+        raise UserError(problem)
     for patch in _PATCHES:
         patch()
     _APPLIED = True

@@ -2,12 +2,19 @@
 
 One function per concern so each mapping can be read (and tested) on its own: the architecture
 (Mamba2 / attention / MLP sizes), the MoE router and its balancing losses, the parallel sizes,
-and precision. Settings Megatron cannot express exactly raise :class:`ConfigError` naming the
-field, instead of training a silently different model.
+precision, and the GPU speed settings. Settings Megatron cannot express exactly raise
+:class:`ConfigError` naming the field, instead of training a silently different model.
+
+megatron-core versions (0.16.1 to 0.19): a speed setting maps to the field the installed
+``TransformerConfig`` / ``DistributedDataParallelConfig`` dataclass has (read from the dataclass,
+not guessed from the version number); a setting the version cannot express is one line.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +86,140 @@ class Precision:
     fp8: str | None = None
     fp8_recipe: str = "tensorwise"
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+DISPATCHERS = ("alltoall", "allgather", "flex")
+FLEX_BACKENDS = ("deepep", "hybridep")
+_FUSIONS = ("gradient_accumulation_fusion", "moe_permute_fusion", "cross_entropy_loss_fusion")
+_OVERLAPS = ("overlap_grad_reduce", "overlap_param_gather")
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """GPU speed settings that Megatron-Bridge's Nemotron 3 Nano recipes turn on (all off by default).
+
+    None changes the math: overlaps run the data-parallel reduce-scatter / all-gather under
+    compute, the fusions fuse the weight-gradient accumulation (Transformer Engine linears), the
+    MoE token permutation (TE) and the vocab-parallel cross entropy; ``flex`` dispatches tokens
+    with DeepEP or HybridEP instead of NCCL all-to-all. :func:`resolve_speed` decides what runs.
+    """
+
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    gradient_accumulation_fusion: bool = False
+    moe_permute_fusion: bool = False
+    cross_entropy_loss_fusion: bool = False
+    dispatcher: str = "alltoall"
+    flex_backend: str = "deepep"
+
+    def __post_init__(self) -> None:
+        if self.dispatcher not in DISPATCHERS:
+            raise UserError(f"megatron.token_dispatcher: expected one of {', '.join(DISPATCHERS)}, got {self.dispatcher!r}")
+        if self.flex_backend not in FLEX_BACKENDS:
+            raise UserError(f"megatron.flex_backend: expected one of {', '.join(FLEX_BACKENDS)}, got {self.flex_backend!r}")
+
+
+def _importable(name: str) -> bool:
+    """A module can be imported (found without importing it, so probing has no side effects)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def resolve_speed(
+    speed: SpeedSettings,
+    *,
+    cuda: bool,
+    te: bool,
+    distributed_optimizer: bool,
+    moe: bool,
+    importable: Callable[[str], bool] = _importable,
+) -> tuple[SpeedSettings, tuple[str, ...]]:
+    """The speed settings that run here, and one note per setting turned off (or a UserError).
+
+    Pure (the facts come in as arguments) so the rule is testable without a GPU:
+
+    - CPU: every overlap and fusion is forced off (the fusions need CUDA kernels from Transformer
+      Engine / Apex, the CPU path runs the collectives synchronously); ``flex`` is refused;
+    - CUDA without the Transformer Engine spec (``megatron.local_spec``): the two TE fusions
+      (weight-gradient accumulation, MoE permutation) are forced off; the native fused cross
+      entropy still runs;
+    - ``overlap_param_gather`` needs the distributed optimizer and ``overlap_grad_reduce``;
+    - ``flex`` needs DeepEP (the ``deep_ep`` package; HybridEP ships in it) on CUDA.
+    """
+    if speed.overlap_param_gather and not (distributed_optimizer and speed.overlap_grad_reduce):
+        raise UserError("megatron.overlap_param_gather: needs megatron.distributed_optimizer: true and "
+                        "megatron.overlap_grad_reduce: true (the parameter all-gather of the distributed optimizer)")
+    notes: list[str] = []
+    changes: dict[str, Any] = {}
+    if speed.dispatcher == "flex" and moe:
+        if not cuda:
+            raise UserError("megatron.token_dispatcher: flex (DeepEP / HybridEP) runs on CUDA GPUs only; "
+                            "use alltoall on this machine")
+        if not importable("deep_ep"):
+            raise UserError(f"megatron.token_dispatcher: flex with flex_backend {speed.flex_backend} needs DeepEP "
+                            "(the deep_ep package, built for this CUDA), which is not installed; use alltoall")
+    if not cuda:
+        on = [name for name in (*_OVERLAPS, *_FUSIONS) if getattr(speed, name)]
+        changes.update({name: False for name in on})
+        if on:
+            notes.append(f"megatron.{', megatron.'.join(on)}: forced off on CPU (GPU speed settings: CUDA kernels "
+                         "and overlapped NCCL collectives; the CPU path computes the same unfused and synchronously)")
+    elif not te:
+        on = [name for name in ("gradient_accumulation_fusion", "moe_permute_fusion") if getattr(speed, name)]
+        changes.update({name: False for name in on})
+        if on:
+            notes.append(f"megatron.{', megatron.'.join(on)}: forced off (they fuse inside Transformer Engine "
+                         "layers, and megatron.local_spec: true uses hebtron's local layers)")
+    return dataclasses.replace(speed, **changes), tuple(notes)
+
+
+def dataclass_fields(cls: type) -> frozenset[str]:
+    """Field names of a megatron-core config dataclass (what the installed version can express)."""
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+def speed_kwargs(speed: SpeedSettings, fields: frozenset[str], moe: bool) -> dict[str, Any]:
+    """``TransformerConfig`` keyword arguments for ``speed``, named as the installed version names
+    them. A setting that is on and has no field in this version is one line."""
+
+    def need(name: str, setting: str) -> str:
+        if name not in fields:
+            raise UserError(f"megatron.{setting}: this megatron-core has no TransformerConfig.{name}; "
+                            "turn the setting off or use megatron-core 0.16.1 or later")
+        return name
+
+    out: dict[str, Any] = {"gradient_accumulation_fusion": speed.gradient_accumulation_fusion}
+    if speed.cross_entropy_loss_fusion:
+        out[need("cross_entropy_loss_fusion", "cross_entropy_loss_fusion")] = True
+        if "cross_entropy_fusion_impl" in fields:  # 'native' needs no Transformer Engine (Megatron-Bridge's choice)
+            out["cross_entropy_fusion_impl"] = "native"
+    if not moe:
+        return out
+    if speed.moe_permute_fusion:
+        out[need("moe_permute_fusion", "moe_permute_fusion")] = True
+    if speed.dispatcher == "flex":
+        if "moe_flex_dispatcher_backend" in fields:  # 0.16+: the backend is a string
+            out["moe_flex_dispatcher_backend"] = speed.flex_backend
+        elif speed.flex_backend == "deepep":  # older: a DeepEP switch only
+            out[need("moe_enable_deepep", "token_dispatcher")] = True
+        else:
+            need("moe_flex_dispatcher_backend", "flex_backend")
+    return out
+
+
+def ddp_kwargs(speed: SpeedSettings, distributed_optimizer: bool, fields: frozenset[str]) -> dict[str, Any]:
+    """``DistributedDataParallelConfig`` keyword arguments (fp32 gradient reduction, as before)."""
+    out: dict[str, Any] = {"grad_reduce_in_fp32": True, "use_distributed_optimizer": distributed_optimizer}
+    for name in _OVERLAPS:
+        if getattr(speed, name):
+            if name not in fields:
+                raise UserError(f"megatron.{name}: this megatron-core has no DistributedDataParallelConfig.{name}")
+            out[name] = True
+        elif name in fields:
+            out[name] = False
+    return {k: v for k, v in out.items() if k in fields}
 
 
 def architecture_kwargs(cfg: HybridConfig) -> dict[str, Any]:
@@ -199,20 +340,24 @@ def transformer_config(
     te: bool = False,
     dispatcher: str = "alltoall",
     cpu: bool | None = None,
+    speed: SpeedSettings | None = None,
 ):
-    """Build the ``TransformerConfig`` (import of megatron.core deferred to the call)."""
+    """Build the ``TransformerConfig`` (import of megatron.core deferred to the call). ``speed``
+    should already be :func:`resolve_speed`'s answer; without it, ``dispatcher`` and no speed settings."""
     from megatron.core.transformer import TransformerConfig
 
     check_divisibility(cfg, plan)
     cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+    speed = SpeedSettings(dispatcher=dispatcher) if speed is None else speed
+    moe = "E" in cfg.hybrid_override_pattern
     kwargs = architecture_kwargs(cfg)
-    kwargs.update(moe_kwargs(cfg, balance, te, dispatcher))
+    kwargs.update(moe_kwargs(cfg, balance, te, speed.dispatcher))
     kwargs.update(parallel_kwargs(plan))
-    if plan.tp > 1 and "E" in cfg.hybrid_override_pattern:
+    if plan.tp > 1 and moe:
         kwargs["sequence_parallel"] = True  # Megatron trains MoE with TP only under sequence parallelism
     kwargs.update(precision_kwargs(precision, te))
     kwargs["use_cpu_initialization"] = cpu
-    kwargs["gradient_accumulation_fusion"] = False
+    kwargs.update(speed_kwargs(speed, dataclass_fields(TransformerConfig), moe))
     try:
         return TransformerConfig(**kwargs)
     except (AssertionError, ValueError) as err:
@@ -268,7 +413,13 @@ class RecipeSettings:
     plan: ParallelPlan
     precision: Precision
     balance: MoEBalance
-    dispatcher: str
+    speed: SpeedSettings = SpeedSettings()
+    local_spec: bool = False  # megatron.local_spec: hebtron's layer specs even where CUDA runs
+    reshardable: bool = False  # checkpoint.reshardable: optimizer state in the fully reshardable format
+
+    @property
+    def dispatcher(self) -> str:
+        return self.speed.dispatcher
 
 
 _AUX_TYPES = (("micro_batch", "aux_loss"), ("sequence", "seq_aux_loss"), ("global_batch", "global_aux_loss"))
@@ -290,4 +441,11 @@ def settings_from_recipe(recipe: Any) -> RecipeSettings:
         vpp=meg.virtual_pipeline, sequence_parallel=meg.sequence_parallel,
     )
     precision = Precision(dtype=recipe.train.precision, fp8=meg.fp8, fp8_recipe=meg.fp8_recipe)
-    return RecipeSettings(plan, precision, balance_from_recipe(recipe), meg.token_dispatcher)
+    speed = SpeedSettings(
+        overlap_grad_reduce=meg.overlap_grad_reduce, overlap_param_gather=meg.overlap_param_gather,
+        gradient_accumulation_fusion=meg.gradient_accumulation_fusion, moe_permute_fusion=meg.moe_permute_fusion,
+        cross_entropy_loss_fusion=meg.cross_entropy_loss_fusion, dispatcher=meg.token_dispatcher,
+        flex_backend=meg.flex_backend,
+    )
+    return RecipeSettings(plan, precision, balance_from_recipe(recipe), speed, meg.local_spec,
+                          recipe.checkpoint.reshardable)

@@ -9,8 +9,9 @@ the experts stacked, ...) with whole, unsharded tensors. That form is independen
 - :func:`load_into_model` fills any parallel layout from it, shard by shard, using the model's
   own sharded state dict (so TP splits of in_proj / conv1d / QKV follow Megatron's rules);
 - :func:`gather_from_model` rebuilds it from the shards of all ranks;
-- :func:`save_canonical` / :func:`load_canonical` write and read it as a Megatron distributed
-  checkpoint, which Megatron loads at any tp/ep/pp.
+- :func:`save_canonical` writes it as a Megatron distributed checkpoint, which Megatron loads at
+  any tp/ep/pp; :func:`top_to_hf` / :func:`layer_to_hf` convert it back a layer at a time
+  (:mod:`.hf_export` streams a whole checkpoint to HF with them).
 
 Layout facts: HF ``in_proj`` rows are [z | x B C | dt] (Megatron: z, x, B, C, dt); conv1d
 channels [x | B | C]; Megatron's fused QKV interleaves per KV group [q heads of g | k_g | v_g];
@@ -162,37 +163,53 @@ def lazy_canonical(state: Mapping[str, torch.Tensor], cfg: HybridConfig) -> Call
 
 def megatron_to_hf(canon: Mapping[str, torch.Tensor], cfg: HybridConfig) -> dict[str, torch.Tensor]:
     """Canonical Megatron tensors -> hebtron/HF native state (stacked experts)."""
-    out: dict[str, torch.Tensor] = {
+    out = top_to_hf(canon, cfg)
+    for i in range(cfg.num_hidden_layers):
+        out.update(layer_to_hf(i, canon, cfg))
+    return out
+
+
+TOP_KEYS = ("embedding.word_embeddings.weight", "decoder.final_norm.weight", "output_layer.weight")
+
+
+def top_to_hf(canon: Mapping[str, torch.Tensor], cfg: HybridConfig) -> dict[str, torch.Tensor]:
+    """Embedding, final norm and head (the tensors outside ``decoder.layers``)."""
+    return {
         "backbone.embeddings.weight": canon["embedding.word_embeddings.weight"],
         "backbone.norm_f.weight": canon["decoder.final_norm.weight"],
         "lm_head.weight": canon["embedding.word_embeddings.weight" if cfg.tie_word_embeddings else "output_layer.weight"],
     }
+
+
+def layer_to_hf(i: int, canon: Mapping[str, torch.Tensor], cfg: HybridConfig) -> dict[str, torch.Tensor]:
+    """Layer ``i``'s canonical tensors (``decoder.layers.i.*``) -> its native ones: the unit a
+    streaming conversion holds in memory."""
     _, in_names, _, conv_names = _mamba_sizes(cfg)
-    for i, kind in enumerate(cfg.layer_types):
-        src, dst = f"decoder.layers.{i}.", f"backbone.layers.{i}."
-        out[dst + "norm.weight"] = canon[src + _NORM_TARGET[kind]]
-        if kind == "mamba":
-            out[dst + "mixer.in_proj.weight"] = torch.cat([canon[f"{src}mixer.in_proj.weight.{n}"] for n in in_names])
-            for fld in ("weight", "bias"):
-                if f"{src}mixer.conv1d.{fld}.x" in canon:
-                    out[f"{dst}mixer.conv1d.{fld}"] = torch.cat([canon[f"{src}mixer.conv1d.{fld}.{n}"] for n in conv_names])
-            for fld in _MAMBA_SAME:
-                out[f"{dst}mixer.{fld}"] = canon[f"{src}mixer.{fld}"]
-        elif kind == "attention":
-            q, k, v = _qkv_split(canon[src + "self_attention.linear_qkv.weight"], cfg)
-            out.update({dst + "mixer.q_proj.weight": q, dst + "mixer.k_proj.weight": k, dst + "mixer.v_proj.weight": v})
-            out[dst + "mixer.o_proj.weight"] = canon[src + "self_attention.linear_proj.weight"]
-        elif kind == "mlp":
-            out[dst + "mixer.up_proj.weight"] = canon[src + "mlp.linear_fc1.weight"]
-            out[dst + "mixer.down_proj.weight"] = canon[src + "mlp.linear_fc2.weight"]
-        else:
-            for native, mega in _MOE_SAME.items():
-                if src + "mlp." + mega in canon:
-                    out[dst + "mixer." + native] = canon[src + "mlp." + mega]
-            bias_key = src + "mlp.router.expert_bias"
-            out[dst + "mixer.gate.e_score_correction_bias"] = (
-                canon[bias_key].float() if bias_key in canon else torch.zeros(cfg.n_routed_experts)
-            )
+    kind = cfg.layer_types[i]
+    src, dst = f"decoder.layers.{i}.", f"backbone.layers.{i}."
+    out = {dst + "norm.weight": canon[src + _NORM_TARGET[kind]]}
+    if kind == "mamba":
+        out[dst + "mixer.in_proj.weight"] = torch.cat([canon[f"{src}mixer.in_proj.weight.{n}"] for n in in_names])
+        for fld in ("weight", "bias"):
+            if f"{src}mixer.conv1d.{fld}.x" in canon:
+                out[f"{dst}mixer.conv1d.{fld}"] = torch.cat([canon[f"{src}mixer.conv1d.{fld}.{n}"] for n in conv_names])
+        for fld in _MAMBA_SAME:
+            out[f"{dst}mixer.{fld}"] = canon[f"{src}mixer.{fld}"]
+    elif kind == "attention":
+        q, k, v = _qkv_split(canon[src + "self_attention.linear_qkv.weight"], cfg)
+        out.update({dst + "mixer.q_proj.weight": q, dst + "mixer.k_proj.weight": k, dst + "mixer.v_proj.weight": v})
+        out[dst + "mixer.o_proj.weight"] = canon[src + "self_attention.linear_proj.weight"]
+    elif kind == "mlp":
+        out[dst + "mixer.up_proj.weight"] = canon[src + "mlp.linear_fc1.weight"]
+        out[dst + "mixer.down_proj.weight"] = canon[src + "mlp.linear_fc2.weight"]
+    else:
+        for native, mega in _MOE_SAME.items():
+            if src + "mlp." + mega in canon:
+                out[dst + "mixer." + native] = canon[src + "mlp." + mega]
+        bias_key = src + "mlp.router.expert_bias"
+        out[dst + "mixer.gate.e_score_correction_bias"] = (
+            canon[bias_key].float() if bias_key in canon else torch.zeros(cfg.n_routed_experts)
+        )
     return out
 
 
@@ -264,18 +281,3 @@ def save_canonical(canon: Mapping[str, torch.Tensor], directory: str | Path) -> 
     sharded = {k: ShardedTensor.from_rank_offsets(k, v.contiguous(), replica_id=0) for k, v in canon.items()}
     Path(directory).mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(sharded, str(directory))
-
-
-def load_canonical(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a Megatron distributed checkpoint, whole (model weights only).
-
-    Distributed checkpoints keep their metadata in PyTorch's pickle-based format: read only
-    checkpoints you (or hebtron) wrote.
-    """
-    from megatron.core import dist_checkpointing
-
-    directory = Path(directory)
-    if not (directory / "metadata.json").is_file():
-        raise CheckpointError(f"{directory}: not a Megatron distributed checkpoint (no metadata.json)")
-    tensors = dist_checkpointing.load_plain_tensors(str(directory))
-    return {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}

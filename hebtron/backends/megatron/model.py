@@ -1,9 +1,11 @@
 """Build Megatron-Core's hybrid language model for a HybridConfig, whatever the installed version.
 
-megatron-core 0.16 has ``MambaModel(mamba_stack_spec=..., hybrid_override_pattern=...)``; 0.17
-renames the pattern argument to ``hybrid_layer_pattern``; 0.18+ has ``HybridModel(hybrid_stack_spec=...,
-hybrid_layer_pattern=...)``. The argument names are read from the installed class, not guessed
-from version numbers.
+megatron-core 0.16 has ``megatron.core.models.mamba.mamba_model.MambaModel(mamba_stack_spec=...,
+hybrid_override_pattern=...)``; 0.17 keeps that class and renames the pattern argument to
+``hybrid_layer_pattern``; 0.18 and 0.19 have ``megatron.core.models.hybrid.hybrid_model.HybridModel(
+hybrid_stack_spec=..., hybrid_layer_pattern=...)``, with ``MambaModel`` a deprecated wrapper
+(checked against the core_v0.16.1 to core_v0.19.0 tags and the 0.19.2 wheel). The class is found
+by import and the argument names are read from its signature, not guessed from version numbers.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ def build_model(
     transformer_config: Any,
     pre_process: bool = True,
     post_process: bool = True,
-    use_te: bool | None = None,
+    use_te: bool = False,
     pg_collection: Any = None,
 ):
-    """One pipeline stage of the hybrid model (the whole model at pp=1)."""
+    """One pipeline stage of the hybrid model (the whole model at pp=1); ``use_te`` is
+    :func:`.specs.choose_layer_spec`'s decision."""
     cls, spec_arg, pattern_arg = model_class()
     kwargs: dict[str, Any] = {
         "config": transformer_config,

@@ -52,7 +52,8 @@ class PreflightReport:
         lines = [f"preflight {self.recipe}", f"  cluster plan: {_fmt(self.full_plan)}",
                  f"  CPU plan ({RANKS} ranks): {_fmt(self.tiny_plan)}; reshard to {_fmt(self.reshard_plan)}"]
         for c in self.checks:
-            lines.append(f"  [{'ok' if c['ok'] else 'FAIL'}] {c['check']}: {c['detail']}")
+            mark = "FAIL" if not c["ok"] else "warn" if c.get("warning") else "ok"
+            lines.append(f"  [{mark}] {c['check']}: {c['detail']}")
         lines.append(f"  {'passed' if self.ok else 'FAILED'} in {self.wall_s:.1f}s")
         return "\n".join(lines)
 
@@ -124,6 +125,42 @@ def check_seq_len(seq_len: int, plan: ParallelPlan, where: str) -> None:
     split = (plan.tp if plan.tp > 1 else 1) * (2 * plan.cp if plan.cp > 1 else 1)
     if seq_len % split:
         raise UserError(f"{where}: data.seq_len: {seq_len} must be a multiple of {split} (tp x 2cp) for Megatron")
+
+
+def gpu_warnings(settings: Any, cfg: HybridConfig, distributed_optimizer: bool) -> list[dict[str, Any]]:
+    """What the GPU run will do that this CPU preflight cannot: warnings, never failures.
+
+    The Transformer Engine Mamba mixer's dt clamp (checked on the installed megatron-core's
+    source), and the speed settings under the field names of the installed megatron-core (the
+    cluster's may differ); the CPU run itself turns them off and dispatches with alltoall."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.transformer import TransformerConfig
+
+    from hebtron.backends.megatron import config_map
+    from hebtron.backends.megatron.specs import dt_clamp_problem
+
+    rows: list[dict[str, Any]] = []
+    if "M" in cfg.hybrid_override_pattern:
+        problem = dt_clamp_problem()
+        rows.append({"check": "GPU Mamba dt clamp", "ok": True, "warning": problem is not None,
+                     "detail": f"the Transformer Engine path will NOT clamp dt at time_step_min: {problem}" if problem
+                     else f"the Transformer Engine mixer clamps dt at time_step_min = {cfg.time_step_min}, as Nemotron-H"})
+    speed = settings.speed
+    on = [name for name in ("overlap_grad_reduce", "overlap_param_gather", "gradient_accumulation_fusion",
+                            "moe_permute_fusion", "cross_entropy_loss_fusion") if getattr(speed, name)]
+    if speed.dispatcher == "flex":
+        on.append(f"token_dispatcher flex ({speed.flex_backend}: needs deep_ep on the cluster)")
+    if not on:
+        return rows
+    try:
+        config_map.speed_kwargs(speed, config_map.dataclass_fields(TransformerConfig), "E" in cfg.hybrid_override_pattern)
+        config_map.ddp_kwargs(speed, distributed_optimizer, config_map.dataclass_fields(DistributedDataParallelConfig))
+    except UserError as err:
+        rows.append({"check": "GPU speed settings", "ok": True, "warning": True, "detail": str(err)})
+        return rows
+    rows.append({"check": "GPU speed settings", "ok": True,
+                 "detail": f"{', '.join(on)}: fields of this megatron-core; GPU only, off in the CPU run below"})
+    return rows
 
 
 # ----------------------------------------------------------------------------- stage 2
@@ -207,6 +244,7 @@ def run_preflight(
          "detail": f"{plan.world_size} GPUs; {cfg.num_hidden_layers} layers {cfg.hybrid_override_pattern}; "
                    f"{cfg.num_parameters() / 1e9:.2f}B parameters; TransformerConfig accepted"},
     ]
+    checks += gpu_warnings(settings_from_recipe(recipe), cfg, recipe.megatron.distributed_optimizer)
     if plan.cp > 1:
         checks.append({"check": "context parallel", "ok": True,
                        "detail": f"cp={plan.cp} runs in Transformer Engine attention on GPU; the CPU run uses cp=1"})

@@ -16,30 +16,97 @@ Packed batches use Megatron's THD convention: one row of ``b * T`` tokens with `
 at every document start (see :mod:`hebtron.backends.megatron.batches`). Sharded-checkpoint keys
 are mapped onto the TE spec's names, so distributed checkpoints move between a CPU preflight
 and a GPU run.
+
+The GPU spec is Megatron's own, with one hebtron mixer: :class:`ClampedMambaMixer`, Megatron's
+``MambaMixer`` unchanged except that its fused kernel gets Nemotron-H's ``dt_limit`` (Megatron
+passes none, so dt would go unclamped where hebtron native, the CPU spec and Hugging Face clamp
+it) and that packed rows always carry ``seq_idx`` (0.17+ read it from ``PackedSeqParams``, which
+computes it only when ``total_tokens`` is set). Which spec runs is :func:`choose_layer_spec`'s
+decision: on CUDA, missing kernels stop the run unless ``megatron.local_spec: true``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
+import importlib.util
 import math
+import sys
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hebtron.errors import UserError
 from hebtron.model.mamba2 import conv_and_scan
 from hebtron.model.config import HybridConfig
 
 
-def te_available() -> bool:
-    """Transformer Engine importable and a GPU present (the production spec)."""
-    if not torch.cuda.is_available():
-        return False
+# ----------------------------------------------------------------------------- which spec
+@dataclass(frozen=True)
+class GPUStack:
+    """What the production (Transformer Engine) spec needs, as found in this process: None where a
+    part is usable, else why not (the text goes into the one-line error)."""
+
+    cuda: bool
+    transformer_engine: str | None = None
+    mamba_ssm: str | None = None
+    causal_conv1d: str | None = None
+
+
+def _import_problem(module: str) -> str | None:
     try:
-        import transformer_engine  # noqa: F401  # type: ignore[import-not-found]
-    except ImportError:
+        importlib.import_module(module)
+    except Exception as err:  # ImportError, OSError (a .so built for another CUDA), RuntimeError
+        return f"{module}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+    return None
+
+
+def _extension_problem(package: str, extension: str) -> str | None:
+    """A package whose compiled CUDA extension is missing (installed with *_SKIP_CUDA_BUILD)."""
+    if importlib.util.find_spec(package) is None:
+        return f"{package} is not installed"
+    if importlib.util.find_spec(extension) is None:
+        return f"{package} has no compiled extension ({extension})"
+    return None
+
+
+def probe_gpu_stack() -> GPUStack:
+    """Look for CUDA, Transformer Engine and the mamba-ssm / causal-conv1d extensions. Imports
+    only where CUDA runs (where Megatron imports them anyway); on CPU nothing is imported."""
+    if not torch.cuda.is_available():
+        return GPUStack(cuda=False)
+    return GPUStack(
+        cuda=True,
+        transformer_engine=_import_problem("transformer_engine.pytorch"),
+        mamba_ssm=_extension_problem("mamba_ssm", "selective_scan_cuda") or _import_problem("mamba_ssm.ops.triton.ssd_combined"),
+        causal_conv1d=_extension_problem("causal_conv1d", "causal_conv1d_cuda"),
+    )
+
+
+def choose_layer_spec(stack: GPUStack, local_spec: bool, mamba: bool) -> bool:
+    """True: Megatron's Transformer Engine spec; False: hebtron's local spec.
+
+    On CPU always the local spec. On CUDA the TE spec, and a missing Transformer Engine (or, with
+    Mamba layers, mamba-ssm / causal-conv1d without their compiled extensions) is one line
+    (UserError) instead of a silent fall back to the local spec, which is correct but slow
+    (dense attention masks, a per-expert loop). ``megatron.local_spec: true`` asks for that on purpose."""
+    if not stack.cuda or local_spec:
         return False
+    missing = [stack.transformer_engine] + ([stack.mamba_ssm, stack.causal_conv1d] if mamba else [])
+    problems = [m for m in missing if m is not None]
+    if problems:
+        raise UserError(
+            f"megatron: this CUDA run needs Transformer Engine{', mamba-ssm and causal-conv1d' if mamba else ''} "
+            f"for Megatron's GPU layers, but {'; '.join(problems)} (pip install -e .[gpu], or a container that has "
+            "them); set megatron.local_spec: true to train with hebtron's local layers on purpose (much slower)"
+        )
     return True
 
 
@@ -173,10 +240,15 @@ def _mixer_class() -> type:
                 tp_group=self.tp_group,
             )
             conv_dim = self.d_inner_local_tp + 2 * self.ngroups_local_tp * self.d_state
-            self.conv1d = nn.Conv1d(
+            conv = nn.Conv1d(
                 conv_dim, conv_dim, kernel_size=d_conv, groups=conv_dim, padding=d_conv - 1,
                 bias=conv_bias, dtype=config.params_dtype,
             )
+            if conv_as_parameters():  # as the installed MambaMixer holds it (its sharded_state_dict reads it)
+                self.conv1d_weight = nn.Parameter(conv.weight.detach())
+                self.conv1d_bias = nn.Parameter(conv.bias.detach()) if conv.bias is not None else None
+            else:
+                self.conv1d = conv
             heads = self.nheads_local_tp
             first_head = self.tp_group.rank() * heads
             dt = torch.exp(torch.rand(heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
@@ -189,7 +261,8 @@ def _mixer_class() -> type:
                 self.d_inner_local_tp, self.d_inner_local_tp // self.ngroups_local_tp, config.layernorm_epsilon,
                 config.params_dtype, self.tp_group,
             )
-            for param in (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D, self.norm.weight):
+            conv = self._conv()
+            for param in (conv.weight, conv.bias, self.dt_bias, self.A_log, self.D, self.norm.weight):
                 if param is not None:
                     set_tensor_model_parallel_attributes(param, True, 0, 1)
             self.out_proj = build_module(
@@ -206,6 +279,12 @@ def _mixer_class() -> type:
                 tp_group=self.tp_group,
             )
 
+        def _conv(self) -> Any:
+            """The depthwise conv's weight and bias, whichever way they are held."""
+            if "conv1d" in self._modules:
+                return self.conv1d
+            return types.SimpleNamespace(weight=self.conv1d_weight, bias=self.conv1d_bias)
+
         def forward(self, hidden_states, inference_context=None, *, inference_params=None, packed_seq_params=None):
             """hidden_states (s, b, h) -> (out, bias); packed rows restart conv and scan per document."""
             if inference_context is not None or inference_params is not None:
@@ -218,7 +297,7 @@ def _mixer_class() -> type:
             seq_idx = seq_idx_from_packed(packed_seq_params, seqlen, zxbcdt.device)
             if seq_idx is not None and batch != 1:
                 raise ValueError("packed sequences use the THD layout: one row per micro-batch")
-            y = conv_and_scan(xbc, dt, self.conv1d, self.A_log, self.D, self.dt_bias, self.dt_limit, self.chunk_size,
+            y = conv_and_scan(xbc, dt, self._conv(), self.A_log, self.D, self.dt_bias, self.dt_limit, self.chunk_size,
                               self.nheads_local_tp, self.headdim, self.ngroups_local_tp, self.d_state, seq_idx)
             y = self.norm(y, z)
             return self.out_proj(y.transpose(0, 1).contiguous().to(hidden_states.dtype))
@@ -380,23 +459,157 @@ def local_stack_spec(cfg: HybridConfig, num_experts: int | None):
     return ModuleSpec(module=_local_stack_class(), submodules=submodules_cls(**subs))
 
 
+# ----------------------------------------------------------------------------- GPU mixer
+_KERNELS = ("mamba_split_conv1d_scan_combined", "mamba_chunk_scan_combined")  # the fused training / prefill scans
+
+
+def _mixer_module() -> Any:
+    """The module whose globals Megatron's MambaMixer calls its kernels through."""
+    from megatron.core.ssm.mamba_mixer import MambaMixer
+
+    return sys.modules[MambaMixer.__module__]
+
+
+def _mixer_class_source() -> Any:
+    """The installed ``MambaMixer`` class as parsed source (``ast.ClassDef``), or why not (str).
+
+    Parsed, not imported: the mixer module needs Triton, which CPU machines lack."""
+    import ast
+
+    try:
+        spec = importlib.util.find_spec("megatron.core.ssm.mamba_mixer")  # imports megatron.core.ssm, not the mixer
+    except Exception as err:
+        return f"megatron-core does not import ({type(err).__name__}: {err})"
+    if spec is None or spec.origin is None:
+        return "megatron-core's Mamba mixer module is not installed"
+    try:
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError) as err:
+        return f"megatron-core's Mamba mixer source could not be read ({err})"
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "MambaMixer":
+            return node
+    return "megatron-core's Mamba mixer module has no MambaMixer class"
+
+
+def _method(cls: Any, name: str) -> Any:
+    import ast
+
+    return next((m for m in cls.body if isinstance(m, ast.FunctionDef) and m.name == name), None)
+
+
+def dt_clamp_problem() -> str | None:
+    """Why the GPU mixer cannot clamp dt with this megatron-core (None: it can).
+
+    :class:`ClampedMambaMixer` relies on one fact of Megatron's source: ``MambaMixer._ssm_training``
+    calls ``mamba_split_conv1d_scan_combined`` by its module-global name. Checked on the installed
+    version's source, so a refactor in a later release is reported instead of training silently
+    unclamped (true of 0.16.1 to 0.19.2)."""
+    import ast
+
+    cls = _mixer_class_source()
+    if isinstance(cls, str):
+        return cls
+    method = _method(cls, "_ssm_training")
+    if method is None:
+        return "megatron-core's MambaMixer has no _ssm_training method"
+    calls = {c.func.id for c in ast.walk(method) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
+    if _KERNELS[0] not in calls:
+        return f"megatron-core's MambaMixer._ssm_training no longer calls {_KERNELS[0]} by name"
+    return None
+
+
+@functools.cache
+def conv_as_parameters() -> bool:
+    """True where the installed ``MambaMixer`` holds its depthwise conv as the parameters
+    ``conv1d_weight`` / ``conv1d_bias`` (0.19), False where it holds an ``nn.Conv1d`` named
+    ``conv1d`` (0.16 to 0.18). Checkpoint keys are ``conv1d.weight`` / ``conv1d.bias`` in both."""
+    import ast
+
+    cls = _mixer_class_source()
+    init = None if isinstance(cls, str) else _method(cls, "__init__")
+    if init is None:
+        return False
+    return any(isinstance(t, ast.Attribute) and t.attr == "conv1d_weight" and isinstance(t.value, ast.Name)
+               and t.value.id == "self"
+               for node in ast.walk(init) if isinstance(node, (ast.Assign, ast.AnnAssign))
+               for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))
+
+
+def _with_dt_limit(kernel: Callable[..., Any], limit: tuple[float, float]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        kwargs["dt_limit"] = limit  # overrides Megatron's (0, inf) where it passes one (prefill)
+        return kernel(*args, **kwargs)
+
+    call.__wrapped__ = kernel  # type: ignore[attr-defined]
+    return call
+
+
+@contextlib.contextmanager
+def _dt_limited(limit: tuple[float, float]) -> Iterator[None]:
+    """While active, the mixer module's fused scans are called with ``dt_limit=limit``.
+
+    Scoped to one mixer call on the calling thread's forward (and its recomputation); the module
+    names are restored on exit, also on error. This is what lets the subclass below pass one
+    argument without copying Megatron's forward."""
+    module = _mixer_module()
+    saved = {name: getattr(module, name) for name in _KERNELS if getattr(module, name, None) is not None}
+    for name, kernel in saved.items():
+        setattr(module, name, _with_dt_limit(kernel, limit))
+    try:
+        yield
+    finally:
+        for name, kernel in saved.items():
+            setattr(module, name, kernel)
+
+
+@functools.cache
+def _clamped_mixer_class() -> type:
+    MambaMixer, _ = _megatron()
+
+    class ClampedMambaMixer(MambaMixer):
+        """Megatron's MambaMixer (mamba-ssm kernels, Transformer Engine linears) with Nemotron-H's
+        dt clamp (``time_step_min``, as HF's NemotronH passes to the same kernel) and ``seq_idx``
+        on packed rows for every megatron-core version. Parameters and checkpoints are Megatron's."""
+
+        def __init__(self, *args: Any, dt_limit: tuple[float, float] = (0.0, math.inf), **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.dt_limit = (float(dt_limit[0]), float(dt_limit[1]))
+
+        def _ssm_training(self, zxBCdt: torch.Tensor, packed_seq_params: Any = None) -> torch.Tensor:
+            # 0.17+ read PackedSeqParams.seq_idx, set only when total_tokens was given: fill it from
+            # cu_seqlens as 0.16's mixer does, or documents would leak into each other (zxBCdt: l b d)
+            if packed_seq_params is not None and getattr(packed_seq_params, "seq_idx", False) is None:
+                seq_idx = seq_idx_from_packed(packed_seq_params, zxBCdt.shape[0], zxBCdt.device)
+                packed_seq_params.seq_idx = seq_idx.to(torch.int32)
+            with _dt_limited(self.dt_limit):
+                return super()._ssm_training(zxBCdt, packed_seq_params)
+
+        def _ssm_prefill(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+            with _dt_limited(self.dt_limit):  # the unfused path (use_mamba_mem_eff_path: false)
+                return super()._ssm_prefill(*args, **kwargs)
+
+    return ClampedMambaMixer
+
+
 def te_stack_spec(cfg: HybridConfig):
     """The GPU spec: Megatron's own Transformer Engine hybrid spec (mamba-ssm mixer, fused norms,
-    grouped-GEMM experts), with Nemotron-H's conv / chunk / dt settings passed to the mixer."""
-    import copy
+    grouped-GEMM experts), with Nemotron-H's conv / chunk settings and its dt clamp
+    (:class:`ClampedMambaMixer`) in the mixer."""
+    from dataclasses import replace
 
     try:
         from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec as stock
     except ImportError:
         from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec as stock
-    spec = copy.deepcopy(stock)
-    mixer = spec.submodules.mamba_layer.submodules.mixer
-    mixer.params = {**(mixer.params or {}), **mixer_params(cfg)}
-    return spec
+    # new spec objects along the path to the mixer; Megatron's module-level spec stays untouched
+    layer = stock.submodules.mamba_layer
+    mixer = replace(layer.submodules.mixer, module=_clamped_mixer_class(), params={
+        **(layer.submodules.mixer.params or {}), **mixer_params(cfg), "dt_limit": (cfg.time_step_min, math.inf)})
+    layer = replace(layer, submodules=replace(layer.submodules, mixer=mixer))
+    return replace(stock, submodules=replace(stock.submodules, mamba_layer=layer))
 
 
-def stack_spec(cfg: HybridConfig, num_experts: int | None, use_te: bool | None = None):
-    """TE spec where Transformer Engine runs (GPU), hebtron's local spec elsewhere."""
-    if use_te is None:
-        use_te = te_available()
+def stack_spec(cfg: HybridConfig, num_experts: int | None, use_te: bool):
+    """Megatron's TE spec (``use_te``, see :func:`choose_layer_spec`) or hebtron's local spec."""
     return te_stack_spec(cfg) if use_te else local_stack_spec(cfg, num_experts)

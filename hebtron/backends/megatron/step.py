@@ -21,11 +21,20 @@ import torch.distributed as dist
 
 from hebtron.backends.megatron import runtime
 from hebtron.backends.megatron.batches import MegatronInputs, to_megatron
-from hebtron.backends.megatron.config_map import MoEBalance, ParallelPlan, Precision, transformer_config
+from hebtron.backends.megatron.config_map import (
+    MoEBalance,
+    ParallelPlan,
+    Precision,
+    SpeedSettings,
+    dataclass_fields,
+    ddp_kwargs,
+    resolve_speed,
+    transformer_config,
+)
 from hebtron.backends.megatron.convert import gather_from_model, load_into_model
 from hebtron.backends.megatron.model import build_model
 from hebtron.backends.megatron.noise import MegatronNoiseProbe
-from hebtron.backends.megatron.specs import te_available
+from hebtron.backends.megatron.specs import choose_layer_spec, dt_clamp_problem, probe_gpu_stack
 from hebtron.errors import CheckpointError
 from hebtron.model.config import HybridConfig
 from hebtron.train.engine import StepGuard, StepResult
@@ -59,17 +68,40 @@ class MegatronEngine:
         seed: int = 1234,
         use_te: bool | None = None,
         with_optimizer: bool = True,
+        speed: SpeedSettings = SpeedSettings(),
+        local_spec: bool = False,
+        reshardable: bool = False,
     ) -> None:
+        """``use_te`` None: :func:`.specs.choose_layer_spec` decides (on CUDA, missing Transformer
+        Engine / mamba-ssm kernels stop the run unless ``local_spec``); ``speed``: the recipe's GPU
+        speed settings, reduced to what runs here (:attr:`notes` says what was turned off);
+        ``reshardable``: optimizer state saved fully reshardable (see :meth:`sharded_state_dict`)."""
         from megatron.core import parallel_state as ps
 
         self.cfg = cfg
         self.plan = plan
         self.optim_settings = optim
+        self.reshardable = reshardable
+        cuda = torch.cuda.is_available()
+        mamba = "M" in cfg.hybrid_override_pattern
+        if use_te is None:  # decided before any process group exists: a missing kernel costs no rendezvous
+            use_te = choose_layer_spec(probe_gpu_stack(), local_spec, mamba)
+        self.use_te = use_te
+        self.speed, notes = resolve_speed(speed, cuda=cuda, te=use_te, moe="E" in cfg.hybrid_override_pattern,
+                                          distributed_optimizer=optim.distributed_optimizer)
+        clamp = dt_clamp_problem() if use_te and mamba else None
+        self.notes: tuple[str, ...] = notes + ((f"Mamba dt is not clamped at time_step_min on this GPU path: {clamp}",)
+                                               if clamp else ())
+        # micro-batch gradient norms are read before the data-parallel reduction, which an
+        # overlapped reduction starts during backward
+        self.noise_blocked: str | None = (
+            "megatron.overlap_grad_reduce reduces gradients during backward, before the noise probe reads them"
+            if self.speed.overlap_grad_reduce else None
+        )
         runtime.init_model_parallel(plan, seed)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.use_te = te_available() if use_te is None else use_te
-        self.config = transformer_config(cfg, plan, precision, balance, te=self.use_te)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        self.config = transformer_config(cfg, plan, precision, balance, te=self.use_te, speed=self.speed)
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
         self.chunks = self._build_chunks(with_optimizer)
@@ -96,11 +128,10 @@ class MegatronEngine:
             chunks.append(model)
         if not wrap_ddp:
             return chunks
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=self.optim_settings.distributed_optimizer,
-        )
+        # fp32 gradient reduction; overlaps as the recipe asks where they run (resolve_speed),
+        # under the field names of the installed megatron-core
+        ddp_config = DistributedDataParallelConfig(**ddp_kwargs(
+            self.speed, self.optim_settings.distributed_optimizer, dataclass_fields(DistributedDataParallelConfig)))
         wrapped = [
             DistributedDataParallel(self.config, ddp_config, chunk, disable_bucketing=i > 0)
             for i, chunk in enumerate(chunks)
@@ -171,7 +202,8 @@ class MegatronEngine:
     def micro_inputs(self, rows: Mapping[str, torch.Tensor], micro_batch: int) -> list[MegatronInputs]:
         """Split this rank's rows into micro-batches in Megatron's layout (see :meth:`inputs_for`)."""
         total = rows["input_ids"].shape[0]
-        return self.inputs_for([{k: v[s : s + micro_batch] for k, v in rows.items()} for s in range(0, total, micro_batch)])
+        return self.inputs_for([{k: rows[k][s : s + micro_batch] for k in ROW_KEYS if k in rows}
+                                for s in range(0, total, micro_batch)])
 
     def inputs_for(self, micro_batches: Sequence[Mapping[str, torch.Tensor]]) -> list[MegatronInputs]:
         """hebtron micro-batches in Megatron's layout, on the device; all THD if any is packed."""
@@ -296,7 +328,34 @@ class MegatronEngine:
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def sharded_state_dict(self, with_optimizer: bool = True, is_loading: bool = False) -> dict[str, Any]:
+    def layout(self) -> dict[str, Any]:
+        """This engine's checkpoint layout: what the optimizer-state formats depend on."""
+        p = self.plan
+        return {"tp": p.tp, "pp": p.pp, "vpp": p.vpp if p.vpp and p.vpp > 1 else None, "cp": p.cp, "ep": p.ep,
+                "etp": p.expert_tp, "dp": self.dp_size,
+                "distributed_optimizer": self.optim_settings.distributed_optimizer}
+
+    def sync_params(self) -> None:
+        """Finish the distributed optimizer's parameter all-gather now. With overlap_param_gather
+        it would only run at the next forward, so a save right after a step would write the
+        previous step's weights (Megatron's own loop does the same before saving)."""
+        for chunk in self.chunks:
+            if getattr(chunk, "use_forward_hook", False):
+                chunk.start_param_sync(force_sync=True)
+
+    def sharded_state_dict(self, with_optimizer: bool = True, is_loading: bool = False,
+                           checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
+        """Model and optimizer shards for ``megatron.core.dist_checkpointing``.
+
+        Saving: the distributed optimizer's state is ``dp_reshardable`` (each rank writes its own
+        shard: no gather, no extra memory; reloads at another dp only) unless ``reshardable``
+        (``fully_reshardable``: gathered over data-parallel ranks; reloads at any tp / ep / pp / dp).
+        The format and the layout go into the checkpoint's content metadata. Loading
+        (``checkpoint_dir``): the format the checkpoint holds (checkpoints without the metadata
+        are fully reshardable, what hebtron wrote before), and a layout it cannot reload at is
+        one CheckpointError (:func:`check_resume_layout`)."""
+        if not is_loading:
+            self.sync_params()
         state: dict[str, Any] = {}
         if len(self.chunks) == 1:
             state["model"] = self.modules[0].sharded_state_dict()
@@ -304,22 +363,39 @@ class MegatronEngine:
             for i, module in enumerate(self.modules):
                 state[f"model{i}"] = module.sharded_state_dict()
         if with_optimizer and self.optimizer is not None:
-            # fully reshardable: optimizer state reloads at another tp / ep / pp / dp too
+            if is_loading:
+                saved = _content_metadata(checkpoint_dir) if checkpoint_dir is not None else None
+                check_resume_layout(saved, self.layout(), str(checkpoint_dir))
+                sharding = (saved or {}).get(SHARDING_KEY, FULLY_RESHARDABLE)
+            else:
+                sharding = FULLY_RESHARDABLE if self.reshardable else DP_RESHARDABLE
             state["optimizer"] = self.optimizer.sharded_state_dict(
                 state, is_loading=is_loading,
-                metadata={"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True},
+                metadata={SHARDING_KEY: sharding, "chained_optim_avoid_prefix": True},
             )
+            if not is_loading:  # after the optimizer walked the model shards: plain values, common state
+                state[CONTENT_METADATA] = {SHARDING_KEY: sharding, "hebtron_layout": self.layout()}
         return state
 
     def save_checkpoint(self, directory: str | Path, with_optimizer: bool = True) -> None:
-        """A Megatron distributed checkpoint: every rank writes its shards; reloads at any tp/ep/pp."""
+        """A Megatron distributed checkpoint: every rank writes its shards; reloads at any tp/ep/pp.
+
+        megatron-core writes through helper processes: a ``multiprocessing.Manager`` spawned at
+        the first save and kept for the run, and writers forked on every save. They are started
+        with SIGUSR1/SIGTERM blocked (inherited mask), so a stop signal sent to every process of
+        the Slurm step, or by torchrun to the rank's process group, leaves them alive for the save
+        it asks for; without that the dead Manager failed that save with ``BrokenPipeError``
+        (:mod:`hebtron.train.stop_signals`)."""
         from megatron.core import dist_checkpointing
+
+        from hebtron.train import stop_signals
 
         directory = Path(directory)
         if self.rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        dist_checkpointing.save(self.sharded_state_dict(with_optimizer), str(directory))
+        with stop_signals.blocked():
+            dist_checkpointing.save(self.sharded_state_dict(with_optimizer), str(directory))
         dist.barrier()
 
     def load_checkpoint(self, directory: str | Path, with_optimizer: bool = True) -> None:
@@ -328,7 +404,7 @@ class MegatronEngine:
         directory = Path(directory)
         if not (directory / "metadata.json").is_file():
             raise CheckpointError(f"{directory}: not a Megatron distributed checkpoint (no metadata.json)")
-        state = self.sharded_state_dict(with_optimizer, is_loading=True)
+        state = self.sharded_state_dict(with_optimizer, is_loading=True, checkpoint_dir=directory)
         loaded = dist_checkpointing.load(state, str(directory))
         if len(self.chunks) == 1:
             self.modules[0].load_state_dict(loaded["model"], strict=False)
@@ -342,7 +418,10 @@ class MegatronEngine:
             self.optimizer.reload_model_params()
         if with_optimizer and self.optimizer is not None and "optimizer" in loaded:
             try:
-                self.optimizer.load_state_dict(loaded["optimizer"])
+                # no_grad: megatron-core (0.16.1 to 0.19) loads dp_reshardable state by copying in place
+                # into the main parameters, which for fp32 parameters are views of the model's leaves
+                with torch.no_grad():
+                    self.optimizer.load_state_dict(loaded["optimizer"])
             except (RuntimeError, KeyError, ValueError) as err:
                 raise CheckpointError(
                     f"{directory}: the optimizer state does not fit this layout ({err}); weights reshard to any "
@@ -358,6 +437,50 @@ class MegatronEngine:
         self.chunks, self.optimizer = [], None
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
+
+
+# megatron-core's names (optimizer/distrib_optimizer.py, dist_checkpointing/serialization.py; the
+# same in 0.16.1 and 0.19): the metadata key choosing the distributed optimizer's checkpoint format,
+# two of its values, and the top-level key dist_checkpointing keeps content metadata under
+SHARDING_KEY = "distrib_optim_sharding_type"
+DP_RESHARDABLE = "dp_reshardable"
+FULLY_RESHARDABLE = "fully_reshardable"
+CONTENT_METADATA = "content_metadata"
+_MODEL_PARALLEL = ("tp", "pp", "vpp", "cp", "ep", "etp")
+
+
+def _content_metadata(directory: str | Path) -> dict[str, Any] | None:
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_content_metadata(str(directory))
+
+
+def check_resume_layout(saved: Mapping[str, Any] | None, current: Mapping[str, Any], where: str) -> None:
+    """Refuse, with one line, optimizer state that cannot be reloaded at ``current``.
+
+    ``saved`` is the checkpoint's content metadata (None: a checkpoint from before hebtron
+    recorded it, fully reshardable). A dp_reshardable checkpoint holds the distributed
+    optimizer's buckets as laid out at its tensor / pipeline / context / expert parallel sizes,
+    so only dp may change; switching the distributed optimizer on or off changes the format."""
+    if not saved or "hebtron_layout" not in saved:
+        return
+    layout = saved["hebtron_layout"]
+    if layout.get("distributed_optimizer") != current.get("distributed_optimizer"):
+        raise CheckpointError(
+            f"{where}: the optimizer state was saved with megatron.distributed_optimizer: "
+            f"{str(layout.get('distributed_optimizer')).lower()}; resume with the same setting"
+        )
+    if not current.get("distributed_optimizer") or saved.get(SHARDING_KEY) != DP_RESHARDABLE:
+        return
+    changed = [k for k in _MODEL_PARALLEL if layout.get(k) != current.get(k)]
+    if changed:
+        then = " ".join(f"{k}={layout.get(k)}" for k in changed)
+        now = " ".join(f"{k}={current.get(k)}" for k in changed)
+        raise CheckpointError(
+            f"{where}: the optimizer state is dp_reshardable, saved at {then}, and reloads only at that layout "
+            f"(this run: {now}; dp may differ); resume there with checkpoint.reshardable: true to write a checkpoint "
+            "that reloads at any layout"
+        )
 
 
 def _unshare_adam_steps(optimizer: Any) -> None:

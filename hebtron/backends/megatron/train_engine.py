@@ -66,17 +66,18 @@ class MegatronTrainEngine:
                               recipe.megatron.distributed_optimizer)
         torch.manual_seed(train.seed)
         self.engine = MegatronEngine(self.config, settings.plan, settings.precision, settings.balance, optim,
-                                     seed=train.seed)
+                                     seed=train.seed, speed=settings.speed, local_spec=settings.local_spec,
+                                     reshardable=settings.reshardable)
         self.ops = MegatronOps(self.engine)
         self.dp_rank, self.dp_size = self.engine.dp_rank, self.engine.dp_size
-        self._noise_blocked = unsupported_reason(settings.plan)
+        self._noise_blocked = unsupported_reason(settings.plan) or self.engine.noise_blocked
         if recipe.batch_size.policy == "adaptive" and self._noise_blocked:
             raise UserError(f"recipe: batch_size.policy: adaptive needs the gradient noise scale, but "
                             f"{self._noise_blocked}; use policy fixed or steps with this plan")
         self.router_monitor, self.router_alarm = self._router_monitor()
 
     def notes(self) -> list[str]:
-        return []
+        return list(self.engine.notes)  # GPU speed settings turned off here, an unclamped dt
 
     def load_pretrained(self) -> None:
         if self.recipe.model.hf_path is None:

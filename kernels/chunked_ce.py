@@ -1,0 +1,118 @@
+"""Fused ``lm_head`` + cross-entropy, chunk by chunk over the tokens.
+
+At 8k context and a 131,072-token vocabulary, logits in fp32 are ~4.3 GB per row, and the plain
+path (logits, log-softmax, their gradients) peaks near four times that. Here the head and the
+loss run over ``chunk_size`` tokens at a time: forward keeps only each token's log-sum-exp, and
+backward recomputes one chunk's logits, turns them into the chunk's gradient and drops them.
+At most one chunk of logits is alive in forward or backward.
+
+:func:`linear_cross_entropy_reference` is the plain version (the full logits), the reference the
+chunked one is checked against. Both return the weighted sum over tokens (labels ``-100``
+count zero); the caller divides by its global token count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_ELEMENTS = 1 << 27  # logits per chunk: 512 MiB in fp32 (1,024 tokens at vocab 131,072)
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk so that one chunk's fp32 logits stay near 512 MiB."""
+    return max(1, DEFAULT_CHUNK_ELEMENTS // vocab_size)
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The head's matmul dtype: autocast's where it is on (as ``nn.Linear`` would), else the input's."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return hidden.dtype
+
+
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Plain version: full (N, V) fp32 logits, then ``F.cross_entropy``; weighted sum (fp32)."""
+    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight).float()
+    losses = F.cross_entropy(logits, labels.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX)
+    return (losses * weights.reshape(-1).to(losses.dtype)).sum()
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """hidden (N, H), weight (V, H), labels (N,), weights (N,) -> scalar fp32 sum."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+        chunk_size: int, dtype: torch.dtype,
+    ) -> torch.Tensor:
+        h, w = hidden.to(dtype), weight.to(dtype)
+        valid = labels != IGNORE_INDEX
+        safe_labels = labels.masked_fill(~valid, 0)  # any other bad label still fails in gather
+        coef = weights.float()
+        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for start in range(0, h.shape[0], chunk_size):
+                stop = start + chunk_size
+                logits = (h[start:stop] @ w.t()).float()
+                chunk_lse = torch.logsumexp(logits, dim=-1)
+                target = logits.gather(1, safe_labels[start:stop, None]).squeeze(1)
+                total += ((chunk_lse - target) * coef[start:stop]).sum()
+                lse[start:stop] = chunk_lse
+        ctx.save_for_backward(hidden, weight, safe_labels, coef, lse)
+        ctx.chunk_size, ctx.dtype = chunk_size, dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, labels, coef, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        h, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        scale = coef * grad_total.float()  # d total / d (lse - target) per token
+        with torch.autocast(h.device.type, enabled=False):
+            for start in range(0, h.shape[0], ctx.chunk_size):
+                stop = start + ctx.chunk_size
+                logits = (h[start:stop] @ w.t()).float()
+                # d loss / d logits = (softmax - onehot(label)) * scale, built in place
+                grad = logits.sub_(lse[start:stop, None]).exp_().mul_(scale[start:stop, None])
+                grad.scatter_add_(1, labels[start:stop, None], -scale[start:stop, None])
+                grad = grad.to(ctx.dtype)
+                if grad_h is not None:
+                    grad_h[start:stop] = grad @ w
+                if grad_w is not None:
+                    grad_w += (grad.t() @ h[start:stop]).float()
+        return (
+            grad_h.to(hidden.dtype) if grad_h is not None else None,
+            grad_w.to(weight.dtype) if grad_w is not None else None,
+            None, None, None, None,
+        )
+
+
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Sum over tokens of ``weights * cross_entropy(hidden @ weight.T, labels)`` (fp32 scalar),
+    ``chunk_size`` tokens at a time (default: :func:`default_chunk_size`). ``hidden`` (..., H),
+    ``labels`` / ``weights`` with the same leading shape; labels ``-100`` count zero."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    labels, weights = labels.reshape(-1), weights.reshape(-1)
+    if labels.shape[0] != flat.shape[0] or weights.shape[0] != flat.shape[0]:
+        raise ValueError(
+            f"chunked cross-entropy: {flat.shape[0]} tokens of hidden state but {labels.shape[0]} labels "
+            f"and {weights.shape[0]} weights"
+        )
+    if weight.shape[1] != flat.shape[1]:
+        raise ValueError(f"chunked cross-entropy: head weight {tuple(weight.shape)} does not take hidden size {flat.shape[1]}")
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(weight.shape[0])
+    if chunk < 1:
+        raise ValueError(f"chunked cross-entropy: chunk_size must be >= 1, got {chunk}")
+    return _ChunkedLinearCrossEntropy.apply(flat, weight, labels, weights, chunk, _compute_dtype(flat))

@@ -54,7 +54,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         h, w = hidden.to(dtype), weight.to(dtype)
         valid = labels != IGNORE_INDEX
         safe_labels = labels.masked_fill(~valid, 0)  # any other bad label still fails in gather
-        coef = weights.float()
+        coef = weights.float() * valid
         lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(h.device.type, enabled=False):
@@ -86,8 +86,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad.scatter_add_(1, labels[start:stop, None], -scale[start:stop, None])
                 grad = grad.to(ctx.dtype)
                 if grad_h is not None:
-                    grad_h[start:stop] = grad @ w
-                if grad_w is not None:
+                    torch.mm(grad, w, out=grad_h[start:stop])
+                if grad_w is not None and ctx.dtype == torch.float32:
+                    grad_w.addmm_(grad.t(), h[start:stop])  # accumulate in place: no (V, H) temporary
+                elif grad_w is not None:  # bf16/fp16 matmul, fp32 accumulation (mixed addmm is not on CPU)
                     grad_w += (grad.t() @ h[start:stop]).float()
         return (
             grad_h.to(hidden.dtype) if grad_h is not None else None,

@@ -133,3 +133,54 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(fixture_dir, 
     assert latest is not None and latest.name == f"step_{steps:08d}"
     state = json.loads((latest / "trainer_state.json").read_text())
     assert state["extra"]["world_size"] == 2
+
+
+_HOLD_PROBE = '''
+import json, multiprocessing as mp, os, signal, subprocess, sys, time
+from hebtron.train.stop_signals import StopSignals, blocked
+
+def masks(pid):
+    lines = open(f"/proc/{pid}/status").read().splitlines()
+    return {k: int(v, 16) for k, v in (l.split(":") for l in lines) if k in ("SigBlk", "SigIgn")}
+
+if __name__ == "__main__":
+    stops = StopSignals().hold()
+    os.kill(os.getpid(), signal.SIGTERM)  # stays pending: no handler runs, the process lives
+    time.sleep(0.2)
+    out = {"received_while_held": list(stops.received)}
+    with blocked():  # what MegatronEngine.save_checkpoint does around megatron-core's writer
+        manager = mp.get_context("spawn").Manager()  # the helper megatron-core spawns at the first save
+    queue = manager.Queue()
+    os.kill(manager._process.pid, signal.SIGTERM)  # Slurm signals every process of the step
+    os.kill(manager._process.pid, signal.SIGUSR1)
+    time.sleep(0.5)
+    queue.put("still there")
+    out["manager_answers"] = queue.get(timeout=10)
+    out["manager"] = masks(manager._process.pid)
+    out["exec_child"] = int(subprocess.run(["sed", "-n", "s/^SigBlk:\\\\t//p", "/proc/self/status"],
+                                           capture_output=True, text=True).stdout, 16)
+    out["taken"] = stops.take()
+    manager.shutdown()
+    stops.release()
+    out["after_release"] = masks(os.getpid())["SigBlk"]
+    out["handler_back"] = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    print(json.dumps(out))
+'''
+
+
+def test_held_stop_signals_wait_for_the_rank_and_helpers_inherit_them(tmp_path):
+    """The mechanism of hebtron.train.stop_signals on real processes: a SIGTERM to the holder
+    waits, pending, for ``take``; a helper spawned meanwhile (even after CPython's resource
+    tracker would have unblocked SIGTERM) lives through SIGTERM and SIGUSR1; release puts the
+    mask and the handlers back."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(_HOLD_PROBE)
+    done = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=120,
+                          env=_env(), cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    bits = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGUSR1 - 1))
+    assert out["received_while_held"] == [] and out["taken"] == signal.SIGTERM
+    assert out["manager_answers"] == "still there" and out["manager"]["SigBlk"] & bits == bits
+    assert out["exec_child"] & bits == bits
+    assert out["after_release"] & bits == 0 and out["handler_back"]

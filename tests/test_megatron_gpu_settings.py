@@ -234,3 +234,22 @@ def test_gpu_mixer_clamps_dt_with_the_installed_megatron_core():
 
     # 0.19 holds the Mamba conv as parameters conv1d_weight / conv1d_bias, 0.16-0.18 as an nn.Conv1d
     assert conv_as_parameters() is (Version(compat.installed_version()) >= Version("0.19"))
+
+
+def test_preflight_reports_the_gpu_path_as_warnings_only(monkeypatch):
+    from hebtron.backends.megatron import preflight, specs
+
+    nano = HybridConfig.from_json_file(NANO / "config.json")
+    settings = config_map.settings_from_recipe(load_recipe(NANO / "cpt-h200.yaml", check_paths=False))
+    rows = {r["check"]: r for r in preflight.gpu_warnings(settings, nano, distributed_optimizer=True)}
+    assert rows["GPU Mamba dt clamp"]["ok"] and not rows["GPU Mamba dt clamp"]["warning"]
+    assert "time_step_min" in rows["GPU Mamba dt clamp"]["detail"]
+    speed = rows["GPU speed settings"]
+    assert speed["ok"] and "overlap_grad_reduce" in speed["detail"] and "off in the CPU run" in speed["detail"]
+    monkeypatch.setattr(specs, "dt_clamp_problem", lambda: "MambaMixer._ssm_training no longer calls it")
+    rows = {r["check"]: r for r in preflight.gpu_warnings(settings, nano, distributed_optimizer=True)}
+    assert rows["GPU Mamba dt clamp"]["ok"] and rows["GPU Mamba dt clamp"]["warning"]  # a warning, not a failure
+    assert "will NOT clamp dt" in rows["GPU Mamba dt clamp"]["detail"]
+    report = preflight.PreflightReport("r.yaml", settings.plan, settings.plan, settings.plan,
+                                       list(rows.values()), 1.0)
+    assert report.ok and "[warn] GPU Mamba dt clamp" in report.table()

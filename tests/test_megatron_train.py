@@ -78,7 +78,7 @@ def test_megatron_loop_matches_native_and_resumes_at_another_layout(fixture_dir,
     assert sorted(reference) == [1, 2, 3, 4]
 
     mega_dir = tmp_path / "mega"
-    common = [*hf, "backend=megatron", f"logging.run_dir={mega_dir}", f"checkpoint.dir={mega_dir / 'ckpt'}"]
+    common = [*hf, "backend=megatron", f"logging.run_dir={mega_dir}", f"checkpoint.dir={mega_dir / 'ckpt'}", "checkpoint.reshardable=true"]
     proc = _torchrun(recipe, *common, "parallel.tp=2", "parallel.dp=1", "train.total_steps=2")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     ours = _losses(mega_dir)

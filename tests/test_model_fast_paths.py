@@ -20,7 +20,11 @@ from hebtron.model.moe import MoE
 from hebtron.train.loss import token_loss_sum, token_loss_sum_from_hidden
 from tests.conftest import TINY_CONFIGS
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    # eager flex on CPU (tests only: skips a ~20 s compile per shape) warns that it is unfused
+    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+]
 
 LENGTHS = [[13, 29, 7, 21], [40, 5, 25]]  # two rows of 70 tokens, documents crossing chunk boundaries
 LOGIT_TOL = 1e-5

@@ -71,7 +71,11 @@ def test_packed_gradients_equal_sum_of_unpacked():
         for d in row:
             _loss(model(d[None]).logits[0], d).backward()
     for name, p in model.named_parameters():
-        torch.testing.assert_close(packed[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        # fp32 summation order alone moves an entry by a few 1e-6 on gradients of size ~10 (an
+        # unpacked fp32 run is itself ~5e-6 from a float64 one): absolute slack scales with the
+        # gradient; a leak across documents is ~0.1
+        scale = max(1.0, float(p.grad.abs().max()))
+        torch.testing.assert_close(packed[name], p.grad, rtol=1e-4, atol=1e-6 * scale, msg=name)
 
 
 def test_unpacked_seq_idx_matches_plain_forward(model: HybridModel):

@@ -220,7 +220,7 @@ def _retarget(overrides: list[str], run_dir: Path) -> list[str]:
 def test_megatron_saves_at_the_stop_step_when_every_process_gets_sigterm(fixture_dir, tmp_path):
     run_dir = tmp_path / "run"
     recipe = write_recipe(fixture_dir, run_dir, **ENDLESS)
-    overrides = _retarget(["backend=megatron", "parallel.dp=2", "checkpoint.reshardable=true", f"checkpoint.interval={INTERVAL}"], run_dir)
+    overrides = _retarget(["backend=megatron", "parallel.dp=2", f"checkpoint.interval={INTERVAL}"], run_dir)
 
     # 1. srun-style ranks in one process group: killpg reaches both ranks and their helpers
     first = Run(recipe, run_dir, overrides, tmp_path / "logs1")

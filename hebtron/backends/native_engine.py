@@ -53,7 +53,9 @@ def accumulate_gradients(
             output = model(**{k: micro[k] for k in MODEL_INPUTS if k in micro}, return_hidden=True)
             # head + loss chunk by chunk: no (b, T, vocab) logits (the head weight is unsharded
             # here: FSDP2 keeps the root's parameters gathered from forward through backward)
-            loss_sum = token_loss_sum_from_hidden(output.hidden, model.lm_head.weight, micro["labels"], micro["loss_mask"])
+            loss_sum = token_loss_sum_from_hidden(
+                output.hidden, model.lm_head.weight, micro["labels"], micro["loss_mask"]
+            )
         loss = loss_sum * scale
         aux = moe.micro_batch_loss(output.routers, micro) if moe is not None else None
         if aux is not None:

@@ -88,9 +88,13 @@ def attention_path(
         return "sdpa_causal"
     if requested == "varlen":
         if device.type != "cuda":
-            raise ValueError(f"attention implementation 'varlen' needs CUDA (torch.nn.attention.varlen), not {device.type}")
+            raise ValueError(
+                f"attention implementation 'varlen' needs CUDA (torch.nn.attention.varlen), not {device.type}"
+            )
         if _varlen_api() is None:
-            raise ValueError(f"attention implementation 'varlen': this torch ({torch.__version__}) has no torch.nn.attention.varlen")
+            raise ValueError(
+                f"attention implementation 'varlen': this torch ({torch.__version__}) has no torch.nn.attention.varlen"
+            )
         if not _flash_varlen_fits(dtype, head_dim):
             raise ValueError(f"attention implementation 'varlen' needs fp16/bf16 and head_dim % 8 == 0 <= 256, "
                              f"got {dtype} and head_dim {head_dim}")
@@ -141,7 +145,7 @@ def document_block_mask(runs: torch.Tensor, block_size: int = FLEX_BLOCK_SIZE) -
     diagonal = idx[None, :] == idx[:, None]
     whole = idx < seqlen // block_size
     live = diagonal | (below & (block_max[:, None, :] >= block_min[:, :, None]))
-    full = below & (block_min[:, None, :] == block_max[:, :, None])
+    full = below & (whole[:, None] & whole[None, :]) & (block_min[:, None, :] == block_max[:, :, None])
     partial = live & ~full
     kv_num, kv_idx = _ordered(partial)
     full_num, full_idx = _ordered(full)
@@ -188,7 +192,7 @@ def prepare_documents(seq_idx: torch.Tensor, path: str, block_size: int = FLEX_B
         max_seqlen = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
         if path == "segments":
             return Documents(path, max_seqlen=max_seqlen, segments=list(zip(bounds[:-1], bounds[1:], strict=True)))
-        cu_dev = cu.to(torch.int32).to(seq_idx.device, non_blocking=True)
+        cu_dev = cu.to(device=seq_idx.device, dtype=torch.int32)
         return Documents(path, cu_seqlens=cu_dev, max_seqlen=max_seqlen)
     raise ValueError(f"prepare_documents: no document layout for attention path {path!r}")
 

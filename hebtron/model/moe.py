@@ -97,7 +97,7 @@ def grouped_experts(
     align = 16 // dtype.itemsize
     hidden, inner = up_proj.shape[2], up_proj.shape[1]
     hidden_p, inner_p = -(-hidden // align) * align, -(-inner // align) * align
-    offsets = tokens_per_expert.flip(0).cumsum(0, dtype=torch.int32)
+    offsets = tokens_per_expert.cumsum(0, dtype=torch.int32)
     up = up_proj.to(dtype)  # (E, inner, hidden)
     down = down_proj.to(dtype)  # (E, hidden, inner)
     if (hidden_p, inner_p) != (hidden, inner):

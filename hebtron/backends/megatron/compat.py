@@ -13,7 +13,7 @@ patch                               why
 CUDA RNG tracker                    named RNG states swapped around init: the CPU generator
 ``device="cuda"`` factories         optimizer flags, grad buffers, aux-loss tracker: on CPU
 CUDA type names                     optimizers sort params by ``torch.cuda.FloatTensor``
-torch-Adam ``step`` on reload       fallback optimizer (no Apex/TE) keeps ``step`` per param
+torch-Adam ``step`` on reload       fallback optimizer (no Apex/TE): the checkpoint's ``step``
 Triton inference kernels            imported at module level by the Mamba mixer (inference only)
 all-to-all dispatcher               CUDA side stream + host copies of split sizes
 ``te_general_gemm`` name            undefined without Transformer Engine (router GEMM)
@@ -179,9 +179,11 @@ def _patch_optimizer_param_types() -> None:
 
 def _patch_torch_adam_step_reload() -> None:
     """Without Apex / Transformer Engine the distributed optimizer falls back to ``torch.optim.Adam``,
-    whose per-parameter state also holds ``step``. Loading a fully reshardable checkpoint restores
-    ``step`` from the parameter groups first, then copies every state key from the checkpoint,
-    which has no ``step`` (KeyError). Keep the already-restored ``step`` for that copy."""
+    whose per-parameter state also holds ``step``. Loading restores ``step`` from the checkpoint's
+    parameter groups first, then copies every state key from the checkpoint's parameter state: a
+    fully reshardable one has no ``step`` (KeyError), and a dp_reshardable one carries it as a
+    non-persistent object, i.e. the *live* optimizer's count, not the checkpoint's (a resumed run
+    would then bias-correct with the wrong step). Keep the already-restored ``step`` for that copy."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     original = DistributedOptimizer._set_main_param_and_optimizer_states
@@ -190,7 +192,7 @@ def _patch_torch_adam_step_reload() -> None:
         group_index, group_order = self.model_param_group_index_map[model_param]
         main_param = self.optimizer.param_groups[group_index]["params"][group_order]
         current = self.optimizer.state.get(main_param, {})
-        restored = {k: v for k, v in current.items() if k not in tensors and k == "step"}
+        restored = {"step": current["step"]} if "step" in current else {}
         original(self, model_param, {**tensors, **restored})
 
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states

@@ -67,6 +67,11 @@ def _reference_kernel(calls: list):
     return kernel
 
 
+def _held(mixer, name: str) -> str:
+    """A parameter's name as the mixer holds it (megatron-core 0.19: conv1d_weight, not conv1d.weight)."""
+    return name if "conv1d" in mixer._modules or not name.startswith("conv1d.") else name.replace(".", "_")
+
+
 def _worker() -> dict:
     import torch
     from torch import nn
@@ -106,7 +111,7 @@ def _worker() -> dict:
         cpu.D.normal_()
         cpu.norm.weight.normal_(1.0, 0.1)
         for name in ("in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "out_proj.weight"):
-            gpu.get_parameter(name).copy_(cpu.get_parameter(name))
+            gpu.get_parameter(_held(gpu, name)).copy_(cpu.get_parameter(_held(cpu, name)))
 
     class GatedOutputNorm(nn.Module):
         """Megatron's RMSNormGated (norm_before_gate=False) after the kernel has gated y by silu(z)."""

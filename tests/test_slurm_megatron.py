@@ -31,7 +31,7 @@ from tests.test_slurm import REPO, Cluster, _losses, _wait, cluster  # noqa: F40
 from tests.train_fixtures import build_training_fixture, write_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning:megatron.*")]
-STEPS, INTERVAL = 120, 40
+STEPS, INTERVAL = 160, 40  # room for the requeue to land mid-run on a fast machine
 LENIENT_GATE = {
     "suite": "hebrew-mini",
     "description": "accepts any scores: the Slurm test checks the chain, not the model",
@@ -82,12 +82,14 @@ def jobs(cluster, tmp_path_factory):  # noqa: F811 - the imported fixture
                     cluster.run("scancel", job["record"][key], check=False)
 
 
-def test_megatron_job_survives_requeue_at_its_stop_step_and_its_checkpoint_is_kept(cluster: Cluster, jobs):  # noqa: F811
+def test_megatron_job_survives_requeue_at_its_stop_step_and_its_checkpoint_is_kept(
+        cluster: Cluster, jobs):  # noqa: F811 - the imported fixture
     job, log = jobs["mega"], jobs["mega"]["log"]
     ckpts = job["run_dir"] / "checkpoints"
 
     # the job runs in its job directory, with the suite's task dirs resolved where submit ran
-    train_script, eval_script = (job["job_dir"] / "train.sbatch").read_text(), (job["job_dir"] / "eval.sbatch").read_text()
+    train_script = (job["job_dir"] / "train.sbatch").read_text()
+    eval_script = (job["job_dir"] / "eval.sbatch").read_text()
     assert f"\nWORKDIR={job['job_dir']}\n" in train_script and f"\nWORKDIR={job['job_dir']}\n" in eval_script
     assert f"\nTASKS_DIRS=({cluster.workdir / 'runs' / 'demo' / 'eval' / 'tasks'})\n" in eval_script
     assert job["record"]["ranks"] == 2 and "parallel:\n  dp: 2" in (job["job_dir"] / "recipe.yaml").read_text()

@@ -185,8 +185,8 @@ def _check_stop(run: Run, before: int) -> int:
     assert checkpoint_problem(latest) is None
     # no rank failed: the one traceback allowed is torchrun's own way out on SIGTERM
     tracebacks = text.count("Traceback (most recent call last)")
-    assert "BrokenPipeError" not in text and tracebacks == len(re.findall(r"SignalException: Process \d+ got signal", text)), \
-        text[-6000:]
+    torchrun_exits = len(re.findall(r"SignalException: Process \d+ got signal", text))
+    assert "BrokenPipeError" not in text and tracebacks == torchrun_exits, text[-6000:]
     assert f"stopped by a signal at step {step}; continue with --resume auto" in text
     return step
 

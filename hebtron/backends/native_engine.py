@@ -85,7 +85,7 @@ class NativeEngine:
             self.model, train.lr, train.weight_decay, (train.adam_beta1, train.adam_beta2), train.adam_eps
         )
         self.moe = MoEStep(recipe.moe, self.model, self.ops, self.config.pad_token_id)
-        self.noise_probe = GradientNoiseProbe(self.model, self.ops)
+        self.noise_probe = GradientNoiseProbe(self.model, self.ops, required=recipe.batch_size.policy == "adaptive")
 
     def notes(self) -> list[str]:
         note = self.moe.note()

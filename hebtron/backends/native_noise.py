@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hebtron.backends.native import NativeBackend
+from hebtron.errors import UserError
 from hebtron.train.batch_size import NoiseMeasurement, combine_units
 
 
@@ -41,17 +42,25 @@ class _RecordingReduceScatter:
 
 
 class GradientNoiseProbe:
-    def __init__(self, model: nn.Module, backend: NativeBackend) -> None:
+    def __init__(self, model: nn.Module, backend: NativeBackend, required: bool = False) -> None:
+        """``required``: the batch-size policy needs the measurement (refuse what cannot give it)."""
         self.model = model
         self.backend = backend
+        self.supported = True
         self.recording = False
         self.local_sq = torch.zeros((), dtype=torch.float32, device=backend.device)
         if backend.sharded:
             from torch.distributed.fsdp import FSDPModule
+
+            self.supported = hasattr(FSDPModule, "set_custom_reduce_scatter")  # torch >= 2.9
+            if not self.supported and required:
+                raise UserError(f"batch_size: measuring the noise scale on FSDP2 ranks needs torch >= 2.9 "
+                                f"(FSDPModule.set_custom_reduce_scatter); this torch is {torch.__version__}: "
+                                "use batch_size.policy fixed or steps, or a newer torch")
             from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
             comm_cls = type("HebtronRecordingReduceScatter", (_RecordingReduceScatter, ReduceScatter), {})
-            for module in model.modules():
+            for module in model.modules() if self.supported else ():
                 if isinstance(module, FSDPModule):
                     module.set_custom_reduce_scatter(comm_cls(self))
         self._reset()
@@ -66,7 +75,7 @@ class GradientNoiseProbe:
 
     def usable(self, micro_batches_per_rank: int) -> bool:
         """Two or more units are needed for two batch sizes."""
-        return self.backend.world_size > 1 or micro_batches_per_rank > 1
+        return self.supported and (self.backend.world_size > 1 or micro_batches_per_rank > 1)
 
     def begin_step(self, measure: bool) -> None:
         self._reset()

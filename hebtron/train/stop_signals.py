@@ -100,6 +100,8 @@ class StopSignals:
         self.received.append(signum)
 
     def hold(self) -> StopSignals:
+        """Record-only handlers first (a signal delivered anyway, e.g. to a thread that was
+        started earlier, is noted, never fatal), then the mask."""
         for sig in STOP_SIGNALS:
             try:
                 self._handlers[sig] = signal.signal(sig, self._record)
@@ -117,6 +119,8 @@ class StopSignals:
         return self.received[0] if self.received else None
 
     def release(self) -> None:
+        """Consume what is pending first: unblocked, it would reach the restored handler (the
+        default one kills the process after a run that has ended well)."""
         self.take()
         if self._mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)

@@ -112,7 +112,10 @@ JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobRequeue=1
-KillWait=10
+# Seconds between the SIGTERM of a requeue / scancel and SIGKILL: the ranks' stop checkpoint must
+# fit in it. Slurm's default: a 2-rank Megatron job on a loaded 2-core machine took 8 s from
+# SIGTERM to exit, too close to the 10 s this was.
+KillWait=30
 MinJobAge=600
 InactiveLimit=0
 $SLURMD_PARAMETERS

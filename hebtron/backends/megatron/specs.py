@@ -27,6 +27,7 @@ decision: on CUDA, missing kernels stop the run unless ``megatron.local_spec: tr
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import importlib
@@ -474,8 +475,6 @@ def _mixer_class_source() -> Any:
     """The installed ``MambaMixer`` class as parsed source (``ast.ClassDef``), or why not (str).
 
     Parsed, not imported: the mixer module needs Triton, which CPU machines lack."""
-    import ast
-
     try:
         spec = importlib.util.find_spec("megatron.core.ssm.mamba_mixer")  # imports megatron.core.ssm, not the mixer
     except Exception as err:
@@ -493,8 +492,6 @@ def _mixer_class_source() -> Any:
 
 
 def _method(cls: Any, name: str) -> Any:
-    import ast
-
     return next((m for m in cls.body if isinstance(m, ast.FunctionDef) and m.name == name), None)
 
 
@@ -505,8 +502,6 @@ def dt_clamp_problem() -> str | None:
     calls ``mamba_split_conv1d_scan_combined`` by its module-global name. Checked on the installed
     version's source, so a refactor in a later release is reported instead of training silently
     unclamped (true of 0.16.1 to 0.19.2)."""
-    import ast
-
     cls = _mixer_class_source()
     if isinstance(cls, str):
         return cls
@@ -524,8 +519,6 @@ def conv_as_parameters() -> bool:
     """True where the installed ``MambaMixer`` holds its depthwise conv as the parameters
     ``conv1d_weight`` / ``conv1d_bias`` (0.19), False where it holds an ``nn.Conv1d`` named
     ``conv1d`` (0.16 to 0.18). Checkpoint keys are ``conv1d.weight`` / ``conv1d.bias`` in both."""
-    import ast
-
     cls = _mixer_class_source()
     init = None if isinstance(cls, str) else _method(cls, "__init__")
     if init is None:

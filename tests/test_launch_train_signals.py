@@ -1,5 +1,8 @@
 """`hebtron train` under the signals Slurm sends (no Slurm needed): exit code 75 after a
-checkpoint, a signal while still importing, and two ranks agreeing on the step to stop after."""
+checkpoint, a signal while still importing, two ranks agreeing on the step to stop after, and
+the held (blocked) stop signals of hebtron.train.stop_signals on real processes: helpers
+started meanwhile survive the signal, and none is orphaned by one arriving at exit.
+(tests/test_stop_signal_checkpoints.py signals whole Megatron and FSDP runs.)"""
 
 from __future__ import annotations
 
@@ -184,3 +187,56 @@ def test_held_stop_signals_wait_for_the_rank_and_helpers_inherit_them(tmp_path):
     assert out["manager_answers"] == "still there" and out["manager"]["SigBlk"] & bits == bits
     assert out["exec_child"] & bits == bits
     assert out["after_release"] & bits == 0 and out["handler_back"]
+
+
+_EXIT_PROBE = '''
+import multiprocessing as mp, os, signal, sys, time
+from hebtron.train.stop_signals import StopSignals, blocked
+
+if __name__ == "__main__":
+    stops = StopSignals().hold()
+    with blocked():
+        manager = mp.get_context("spawn").Manager()
+    queue = manager.Queue()
+    print(manager._process.pid, flush=True)
+    stops.release(keep_handlers=sys.argv[1] == "keep")  # what `hebtron train` does on its way out
+    os.kill(os.getpid(), signal.SIGTERM)  # e.g. torchrun stopping the ranks after another one failed
+    time.sleep(0.5)
+'''
+
+
+@pytest.mark.parametrize("how", ["keep", "restore"])
+def test_a_stop_signal_while_exiting_leaves_no_helper_behind(tmp_path, how):
+    """Helpers started with the signals blocked outlive a rank that dies of one; ``hebtron train``
+    therefore exits through its exit handlers, which shut them down, whatever arrives late."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(_EXIT_PROBE)
+    out = tmp_path / "out"
+    with open(out, "w") as fh:  # a file, not a pipe: an orphaned helper would hold a pipe open
+        proc = subprocess.Popen([sys.executable, str(probe), how], stdout=fh, stderr=subprocess.STDOUT, env=_env(),
+                                cwd=Path(__file__).resolve().parents[1])
+        code = proc.wait(timeout=120)
+    helper = int(out.read_text().split()[0])
+
+    def gone() -> bool:
+        try:
+            return "zombie" in Path(f"/proc/{helper}/status").read_text()
+        except FileNotFoundError:
+            return True
+
+    try:
+        if how == "keep":
+            _wait(gone, 10, "the helper to go")
+        else:
+            time.sleep(2)
+        alive = not gone()
+    finally:
+        if how == "restore":
+            try:
+                os.kill(helper, signal.SIGKILL)  # the orphan this case makes
+            except ProcessLookupError:
+                pass
+    if how == "keep":
+        assert code == 0 and not alive, out.read_text()
+    else:  # the failure kept out of `hebtron train`: died of the signal, helper orphaned
+        assert code == -signal.SIGTERM and alive

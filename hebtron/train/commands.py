@@ -57,7 +57,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         return _run_training(args, stops)
     finally:
-        stops.release()
+        stops.release(keep_handlers=True)  # exiting: a late stop signal is noted, never fatal
 
 
 def _run_training(args: argparse.Namespace, stops: StopSignals) -> int:

@@ -118,14 +118,20 @@ class StopSignals:
             self.received.append(pending)
         return self.received[0] if self.received else None
 
-    def release(self) -> None:
-        """Consume what is pending first: unblocked, it would reach the restored handler (the
-        default one kills the process after a run that has ended well)."""
+    def release(self, keep_handlers: bool = False) -> None:
+        """Consume what is pending, put the mask back, and the previous handlers unless
+        ``keep_handlers``.
+
+        A process about to exit keeps the record-only handlers: a stop signal arriving then
+        (torchrun signals the other ranks when one fails) would, with the default action, kill
+        the rank before its exit handlers shut down the helpers that inherited the blocked mask,
+        and those would be orphaned (seen: megatron-core's Manager and the resource tracker
+        left running after a rank died of SIGTERM while exiting)."""
         self.take()
         if self._mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
             self._mask = None
         for sig, handler in self._handlers.items():
-            if handler is not None:  # None: installed outside Python, nothing to put back
+            if handler is not None and not keep_handlers:  # None: installed outside Python
                 signal.signal(sig, handler)
         self._handlers.clear()

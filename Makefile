@@ -25,8 +25,11 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 
 # The Slurm tests start a real single-node Slurm (tests/test_slurm.py calls slurm/local/start.sh
 # and stop.sh); slurm-deps installs slurm-wlm, munge and shellcheck via apt when missing.
+# Two workers (pytest-xdist, one test module per worker at a time): the Slurm and signal tests
+# spend most of their time waiting, so the other worker's tests run meanwhile. One torch thread
+# per worker on 2 cores.
 test: venv slurm-deps
-	$(PY) -m pytest tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadscope tests
 
 # Everything but the tests marked slow (real Slurm, torchrun ranks, Megatron, demo-sized training):
 # a few minutes on 2 cores. `make test` still runs them all.

@@ -111,7 +111,8 @@ def test_two_native_ranks_collate_their_own_rows_and_train_like_one(recipe, tmp_
 
 
 POISON = r"""
-import json, sys
+import json, os, sys
+from pathlib import Path
 import torch
 from hebtron.backends.engines import make_trainer
 from hebtron.recipe import load_recipe
@@ -132,8 +133,9 @@ except TrainingAborted as err:
     aborted = str(err)
 same = all(torch.equal(a, p.detach()) for a, (_, p) in zip(before, params, strict=True))
 out = {"poisoned": name, "aborted": aborted, "step": trainer.step, "skipped": trainer.nan_guard.total, "same": same}
+rank = engine.ops.rank
 trainer.close()
-print("RESULT " + json.dumps(out), flush=True)
+(Path(os.environ["RESULT_DIR"]) / f"rank{rank}.json").write_text(json.dumps(out))  # ranks print at once
 """
 
 
@@ -153,10 +155,9 @@ def test_non_finite_steps_are_skipped_before_the_update_then_abort(recipe, tmp_p
     else:
         cmd = [sys.executable, "-c", POISON, *args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+                          env={**_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "RESULT_DIR": str(tmp_path)})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert len(results) == ranks
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)]
     for out in results:  # every rank: same decision, its own weights untouched
         assert out["same"], out
         assert out["step"] == 2 and out["skipped"] == 3, out  # two skipped steps, the third aborts

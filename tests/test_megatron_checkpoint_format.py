@@ -8,13 +8,12 @@ tests/test_megatron_train.py, which resumes at another layout."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.train_fixtures import run_two_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # two torchrun ranks of Megatron-Core
@@ -27,19 +26,8 @@ CONFIG = dict(
 )
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_routine_checkpoints_are_dp_reshardable_and_refuse_another_layout_in_one_line(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_port()), __file__, str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
+    proc = run_two_ranks(__file__, str(tmp_path))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     r = json.loads((tmp_path / "result.json").read_text())
     assert r["metadata"]["distrib_optim_sharding_type"] == "dp_reshardable", r

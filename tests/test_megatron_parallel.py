@@ -6,13 +6,12 @@ equal weights."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.train_fixtures import run_two_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # two torchrun ranks of Megatron-Core
@@ -26,19 +25,8 @@ CONFIG = dict(
 PLANS = {"tp1_ep1": dict(dp=2), "tp2": dict(tp=2, dp=1, sequence_parallel=True), "ep2": dict(ep=2, dp=2)}
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tp2_and_ep2_match_one_way_and_checkpoints_reshard(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_port()), __file__, str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
+    proc = run_two_ranks(__file__, str(tmp_path))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     r = json.loads((tmp_path / "result.json").read_text())
     ref = r["tp1_ep1"]

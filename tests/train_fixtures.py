@@ -73,3 +73,18 @@ def write_recipe(fixture: Path, run_dir: Path, **train_overrides) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     return path
+
+
+def run_two_ranks(script: str | Path, *args: str, timeout: int = 600):
+    """``script`` on 2 gloo ranks under torchrun (``--standalone``: its own free rendezvous port),
+    one thread each; the completed process."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(repo)}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=timeout,
+    )

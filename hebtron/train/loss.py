@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from hebtron.kernels.chunked_ce import chunked_linear_cross_entropy
 
+PLAIN_MAX_LOGITS = 2**25  # 128 MB of fp32 logits: below this the head is materialized
+
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropy over tokens where ``loss_mask`` is 1 (fp32)."""
@@ -30,5 +32,12 @@ def token_loss_sum_from_hidden(
 ) -> torch.Tensor:
     """:func:`token_loss_sum` of ``hidden @ lm_head_weight.T`` without materializing the logits:
     ``hidden`` (b, T, H) after the final norm (``model(..., return_hidden=True).hidden``),
-    ``loss_mask`` float weights (SFT per-sample averaging allowed), labels -100 count zero."""
+    ``loss_mask`` float weights (SFT per-sample averaging allowed), labels -100 count zero.
+
+    Small logits (at most :data:`PLAIN_MAX_LOGITS` entries, e.g. the CPU demo's 4 x 256 x 8k)
+    are cheaper materialized than recomputed chunk by chunk in backward, so unless a
+    ``chunk_size`` is asked for they take the plain path; Nemotron-sized heads (8k x 131k per
+    row) always go through the chunked kernel."""
+    if chunk_size is None and hidden.shape[:-1].numel() * lm_head_weight.shape[0] <= PLAIN_MAX_LOGITS:
+        return token_loss_sum(F.linear(hidden, lm_head_weight), labels, loss_mask)
     return chunked_linear_cross_entropy(hidden, lm_head_weight, labels, loss_mask, chunk_size)

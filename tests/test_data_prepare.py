@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hebtron.cli import main
-from hebtron.data.indexed import prepare, read_meta
+from hebtron.data.indexed import open_indexed, prepare, read_meta
 from hebtron.lang import LANG_IDS, UNKNOWN_LANG, lang_id
 from hebtron.data.tokenizer import load_tokenizer, train_tokenizer
 from hebtron.errors import UserError
@@ -48,7 +48,35 @@ def megatron_docs(prefix: Path) -> list[list[int]]:
 
     ds = IndexedDataset(str(prefix))
     assert list(ds.document_indices) == list(range(len(ds) + 1))  # one sequence per document
-    return [ds[i].tolist() for i in range(len(ds))]
+    docs = [ds[i].tolist() for i in range(len(ds))]
+    ours = open_indexed(prefix)  # hebtron's reader, used by the data loaders, sees the same
+    assert ours.dtype == ds.index.dtype and len(ours) == len(ds)
+    assert ours.document_indices.tolist() == ds.document_indices.tolist()
+    assert [ours.get(i).tolist() for i in range(len(ours))] == docs
+    assert all(ours.get(i, 1, 2).tolist() == ds.get(i, offset=1, length=2).tolist() for i in range(len(ds)))
+    return docs
+
+
+def test_damaged_index_files_get_one_line(tmp_path, tok_dir):
+    prefix = tmp_path / "out" / "train"
+    prepare([write_jsonl(tmp_path / "in.jsonl", DOCS)], str(tok_dir), prefix)
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    good_idx, good_bin = idx.read_bytes(), bin_.read_bytes()
+    cases = [
+        (idx, b"NOTANIDX" + good_idx[8:], "train.idx: not a Megatron indexed dataset index (bad header)"),
+        (idx, good_idx[:40], "train.idx: truncated (40 bytes, the header promises"),
+        (idx, good_idx[:9] + b"\x02" + good_idx[10:], "train.idx: unsupported index (version 2, dtype code 8"),
+        (bin_, good_bin[:-2], f"train.bin: truncated ({len(good_bin) - 2} bytes, the index points to {len(good_bin)})"),
+    ]
+    for path, data, message in cases:
+        path.write_bytes(data)
+        with pytest.raises(UserError) as err:
+            open_indexed(prefix)
+        assert message in str(err.value) and "\n" not in str(err.value)
+        idx.write_bytes(good_idx), bin_.write_bytes(good_bin)
+    bin_.unlink()
+    with pytest.raises(UserError, match=r"train: no indexed dataset \(.*train.bin and .*train.idx expected\)"):
+        open_indexed(prefix)
 
 
 def expected_ids(tok_dir: Path, texts: list[str], eos: bool = True) -> list[list[int]]:

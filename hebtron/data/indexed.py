@@ -38,12 +38,60 @@ def megatron_indexed():
     return indexed_dataset
 
 
-def open_indexed(prefix: str | Path) -> Any:
-    """Megatron's ``IndexedDataset`` for ``prefix`` (mmap), with a clear error if absent."""
-    mod = megatron_indexed()
-    if not mod.IndexedDataset.exists(str(prefix)):
-        raise UserError(f"{prefix}: no indexed dataset ({prefix}.bin and {prefix}.idx expected)")
-    return mod.IndexedDataset(str(prefix))
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+# Megatron's DType codes (megatron/core/datasets/indexed_dataset.py)
+_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
+
+
+class IndexedTokens:
+    """A read-only, memory-mapped Megatron indexed dataset (``PREFIX.idx`` + ``PREFIX.bin``).
+
+    The data loaders read the files themselves rather than through megatron.core's
+    ``IndexedDataset``: importing that module imports all of megatron-core (3 to 4 s per process on
+    CPU), which every native training process, rank and test would pay for four numpy arrays.
+    Files are still written by Megatron's builder (:func:`prepare`), and the megatron backend's
+    own readers see the same bytes; tests/test_data_prepare.py checks both readers agree."""
+
+    def __init__(self, prefix: str | Path) -> None:
+        prefix = str(prefix)
+        idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+        if not (idx.is_file() and bin_.is_file()):
+            raise UserError(f"{prefix}: no indexed dataset ({prefix}.bin and {prefix}.idx expected)")
+        index = np.memmap(idx, dtype=np.uint8, mode="r") if idx.stat().st_size else np.zeros(0, np.uint8)
+        head = bytes(index[:34])
+        if len(head) < 34 or head[:9] != _INDEX_HEADER:
+            raise UserError(f"{idx}: not a Megatron indexed dataset index (bad header)")
+        version, = np.frombuffer(head, "<u8", 1, 9)
+        code = head[17]
+        if version != 1 or code not in _DTYPES:
+            raise UserError(f"{idx}: unsupported index (version {version}, dtype code {code}; expected version 1)")
+        n_seq, n_doc = (int(v) for v in np.frombuffer(head, "<u8", 2, 18))
+        need = 34 + 4 * n_seq + 8 * n_seq + 8 * n_doc
+        if index.size < need:
+            raise UserError(f"{idx}: truncated ({index.size} bytes, the header promises {need})")
+        self.dtype = np.dtype(_DTYPES[code])
+        self.sequence_lengths = np.frombuffer(index, "<i4", n_seq, 34)
+        self.sequence_pointers = np.frombuffer(index, "<i8", n_seq, 34 + 4 * n_seq)
+        self.document_indices = np.frombuffer(index, "<i8", n_doc, 34 + 12 * n_seq)
+        size = bin_.stat().st_size
+        end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if n_seq else 0
+        if size < end:
+            raise UserError(f"{bin_}: truncated ({size} bytes, the index points to {end})")
+        self._tokens = np.memmap(bin_, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.sequence_lengths)
+
+    def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens ``[offset, offset + length)`` of sequence ``idx`` (a view of the mapped file)."""
+        count = int(self.sequence_lengths[idx]) - offset if length is None else length
+        start = int(self.sequence_pointers[idx]) + offset * self.dtype.itemsize
+        return np.frombuffer(self._tokens, self.dtype, count, start)
+
+
+def open_indexed(prefix: str | Path) -> IndexedTokens:
+    """The indexed dataset at ``prefix`` (mmap), with a one-line error if absent or damaged."""
+    return IndexedTokens(prefix)
 
 
 def read_meta(prefix: str | Path) -> dict[str, Any]:

@@ -380,16 +380,16 @@ class MegatronEngine:
     def save_checkpoint(self, directory: str | Path, with_optimizer: bool = True) -> None:
         """A Megatron distributed checkpoint: every rank writes its shards; reloads at any tp/ep/pp.
 
-        megatron-core writes through helper processes: a ``multiprocessing.Manager`` spawned at
-        the first save and kept for the run, and writers forked on every save. They are started
+        megatron-core writes through writer processes forked on every save. They are started
         with SIGUSR1/SIGTERM blocked (inherited mask), so a stop signal sent to every process of
         the Slurm step, or by torchrun to the rank's process group, leaves them alive for the save
-        it asks for; without that the dead Manager failed that save with ``BrokenPipeError``
-        (:mod:`hebtron.train.stop_signals`)."""
+        it asks for (:mod:`hebtron.train.stop_signals`). Their results come back through an
+        in-process queue (:func:`_in_process_write_results`)."""
         from megatron.core import dist_checkpointing
 
         from hebtron.train import stop_signals
 
+        _in_process_write_results()
         directory = Path(directory)
         if self.rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
@@ -447,6 +447,23 @@ DP_RESHARDABLE = "dp_reshardable"
 FULLY_RESHARDABLE = "fully_reshardable"
 CONTENT_METADATA = "content_metadata"
 _MODEL_PARALLEL = ("tp", "pp", "vpp", "cp", "ep", "etp")
+
+
+def _in_process_write_results() -> None:
+    """Collect the checkpoint writers' results through an in-process queue.
+
+    For a synchronous save (hebtron's only kind) megatron-core's writer hands its results from
+    the training process to itself, yet through a queue served by a ``multiprocessing.Manager``
+    it spawns at the first save and keeps for the run. That server imports torch to unpickle the
+    first results (about 2 s per rank per run) and is one more process for a stop signal to kill
+    mid-save. A ``queue.Queue`` does the same job here. Left alone where megatron-core has moved
+    the queue (another release), or where a queue already exists."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", False) is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _content_metadata(directory: str | Path) -> dict[str, Any] | None:

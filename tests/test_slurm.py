@@ -1,6 +1,7 @@
-"""hebtron submit on a real single-node Slurm (slurm/local/start.sh): auto-resume after
-`scontrol requeue` and after the time-limit signal, with losses equal to an uninterrupted run;
-the restart limit; a chained evaluation that writes a gate verdict; hostile recipe values that
+"""hebtron submit on a real single-node Slurm (slurm/local/start.sh): auto-resume after the
+time-limit signal, with losses equal to an uninterrupted run; the stop save on `scontrol
+requeue` and the restart limit (the requeue that resumes runs on the Megatron backend, in
+tests/test_slurm_megatron.py); a chained evaluation that writes a gate verdict; hostile recipe values that
 stay inert on the way through sbatch, bash, srun and torchrun.
 
 All jobs are submitted at once (the node offers 4 one-CPU slots) and the tests then follow
@@ -138,14 +139,13 @@ def jobs(cluster, tmp_path_factory):
     work = cluster.workdir
     fixture = build_training_fixture(tmp_path_factory.getbasetemp() / "train_fixture")
 
-    # Interrupted runs and their uninterrupted reference: one recipe, three run directories.
+    # The interrupted run and its uninterrupted reference: one recipe, two run directories.
     base = yaml.safe_load((REPO / "slurm" / "local.yaml").read_text())
     base["paths"]["jobs"] = str(work / "runs" / "jobs")
     profiles = {}
     # slurmctld checks time limits every 30 s and sends the warning up to 30 s early: with a
     # 2-minute limit and signal_seconds 60, USR1 lands 30 to 60 s after each start.
-    for name, changes in {"requeue": {"max_restarts": 1},
-                          "timelimit": {"time": "2", "signal_seconds": 60, "max_restarts": 20}}.items():
+    for name, changes in {"timelimit": {"time": "2", "signal_seconds": 60, "max_restarts": 1}}.items():
         profiles[name] = work / f"{name}.yaml"
         profiles[name].write_text(yaml.safe_dump(base | changes))
 
@@ -154,8 +154,7 @@ def jobs(cluster, tmp_path_factory):
 
     submitted: dict[str, dict] = {}
     common = ["checkpoint.interval=50", "logging.log_interval=50"]
-    for name, cluster_arg in (("timelimit", str(profiles["timelimit"])), ("requeue", str(profiles["requeue"])),
-                              ("reference", "local")):
+    for name, cluster_arg in (("timelimit", str(profiles["timelimit"])), ("reference", "local")):
         out = cluster.hebtron("submit", str(endless(name)), *common, "--cluster", cluster_arg).stdout.strip()
         submitted[name] = {"id": out, "run_dir": work / "runs" / name, "log": work / "runs" / "jobs" / name / f"slurm-{out}.out"}
 
@@ -210,27 +209,11 @@ def test_local_slurm_is_up_and_start_is_idempotent(cluster):
     assert "CPUs=4" in conf and f"StateSaveLocation={state}/state" in conf
 
 
-def test_scontrol_requeue_resumes_with_the_same_losses_and_restarts_are_limited(cluster, jobs):
-    job, log = jobs["requeue"], jobs["requeue"]["log"]
-    ckpts = job["run_dir"] / "checkpoints"
-    _wait(lambda: (ckpts / "latest").exists() and cluster.state(job["id"]) == "RUNNING", 180, "a first checkpoint", log)
-    cluster.run("scontrol", "requeue", job["id"])
-    resumed = _wait(lambda: re.search(r"resumed from \S+ at step (\d+)", log.read_text()), 180,
-                    "the requeued job to resume", log)
-    step = int(resumed.group(1))
-    text = log.read_text()
-    assert "start 2 " in text and f"signal 15: saving a checkpoint at step {step}" in text
-    _wait(lambda: len(_losses(job["run_dir"])) >= step + AFTER_RESUME, 180, "steps after the resume", log)
-    # max_restarts is 1: a second requeue brings the job back only to give up
-    cluster.run("scontrol", "requeue", job["id"])
-    cluster.wait_state(job["id"], {"FAILED"}, 180, log)
-    text = log.read_text()
-    assert "the job was restarted 2 times (limit 1); giving up" in text
-    assert text.count("resumed from") == 1
-    _compare_with_reference(cluster, job, jobs["reference"])
-
-
-def test_time_limit_signal_checkpoints_requeues_and_resumes_with_the_same_losses(cluster, jobs):
+def test_time_limit_signal_and_requeue_resume_with_the_same_losses_and_restarts_are_limited(cluster, jobs):
+    """The time-limit USR1 checkpoints, requeues and resumes at its step; then ``scontrol
+    requeue`` (SIGTERM to every process of the job) saves at its stop step and, max_restarts
+    being 1, brings the job back only to give up. (A requeue that resumes: the Megatron job of
+    tests/test_slurm_megatron.py.)"""
     job, log = jobs["timelimit"], jobs["timelimit"]["log"]
 
     def resumed_after_signal():
@@ -245,8 +228,12 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_with_the_same_losses
     text = log.read_text()
     assert "checkpoint saved on USR1" in text and "start 2 " in text
     _wait(lambda: len(_losses(job["run_dir"])) >= step + AFTER_RESUME, 180, "steps after the resume", log)
-    cluster.run("scancel", job["id"])
-    _wait(lambda: cluster.state(job["id"]) in ("CANCELLED", ""), 120, "the job to end", log)
+    cluster.run("scontrol", "requeue", job["id"])
+    cluster.wait_state(job["id"], {"FAILED"}, 180, log)
+    text = log.read_text()
+    assert re.search(r"signal 15: saving a checkpoint at step \d+ and stopping", text), text[-4000:]
+    assert "the job was restarted 2 times (limit 1); giving up" in text
+    assert text.count("resumed from") == 1
     _compare_with_reference(cluster, job, jobs["reference"])
 
 

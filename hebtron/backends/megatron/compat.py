@@ -17,6 +17,7 @@ torch-Adam ``step`` on reload       fallback optimizer (no Apex/TE): the checkpo
 Triton inference kernels            imported at module level by the Mamba mixer (inference only)
 all-to-all dispatcher               CUDA side stream + host copies of split sizes
 ``te_general_gemm`` name            undefined without Transformer Engine (router GEMM)
+``jit_fuser`` (``torch.compile``)   small fused ops compile at first call, ~3 s per process
 ==================================  ==========================================================
 
 Rules:
@@ -293,7 +294,39 @@ def _patch_router_gemm_name() -> None:
         moe_utils.te_general_gemm = None
 
 
+def _patch_compiled_fusions() -> None:
+    """megatron-core wraps small fused ops in ``torch.compile`` (``megatron.core.jit.jit_fuser``:
+    squared ReLU, the router's expert-bias update, ...). On CPU each one compiles through
+    inductor at its first call, about 3 s per process (more with a cold cache), for kernels of
+    toy size. Run the original functions instead: the decorated ones that exist are unwrapped,
+    and modules imported later get megatron's own no-op decorator. The math is the same."""
+    import sys
+
+    from megatron.core import jit
+
+    jit.disable_jit_fuser()
+
+    def unwrap(owner: Any, names: dict[str, Any]) -> None:
+        for attr, value in list(names.items()):
+            try:
+                original = getattr(value, "_torchdynamo_orig_callable", None)
+            except Exception:  # noqa: BLE001 - an attribute that computes itself: not a compiled function
+                continue
+            if callable(original):
+                setattr(owner, attr, original)
+
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "megatron.core" or name.startswith("megatron.core.")):
+            continue
+        members = vars(module)
+        unwrap(module, members)
+        for value in list(members.values()):
+            if isinstance(value, type) and value.__module__ == name:
+                unwrap(value, dict(vars(value)))
+
+
 _PATCHES: list[Callable[[], None]] = [
+    _patch_compiled_fusions,
     _patch_current_device,
     _patch_synchronize,
     _patch_rng_tracker,

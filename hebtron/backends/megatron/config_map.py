@@ -222,15 +222,8 @@ def ddp_kwargs(speed: SpeedSettings, distributed_optimizer: bool, fields: frozen
     return {k: v for k, v in out.items() if k in fields}
 
 
-def squared_relu_eager(x: torch.Tensor) -> torch.Tensor:
-    """Megatron's ``squared_relu`` without its ``torch.compile``: on CPU the compile buys nothing
-    at toy sizes and costs each process about 3 s (more on a cold inductor cache)."""
-    return torch.pow(torch.nn.functional.relu(x), 2)
-
-
-def architecture_kwargs(cfg: HybridConfig, cpu: bool = False) -> dict[str, Any]:
-    """Layer sizes shared by every layer kind (no positional encoding: it is a MambaModel argument).
-    ``cpu``: the eager activation (:func:`squared_relu_eager`); GPUs keep Megatron's compiled one."""
+def architecture_kwargs(cfg: HybridConfig) -> dict[str, Any]:
+    """Layer sizes shared by every layer kind (no positional encoding: it is a MambaModel argument)."""
     from megatron.core.activations import squared_relu
 
     for name in ("use_bias", "attention_bias", "mlp_bias"):
@@ -245,7 +238,7 @@ def architecture_kwargs(cfg: HybridConfig, cpu: bool = False) -> dict[str, Any]:
         "kv_channels": cfg.attn_head_dim,
         "normalization": "RMSNorm",
         "layernorm_epsilon": cfg.layer_norm_epsilon,
-        "activation_func": squared_relu_eager if cpu else squared_relu,
+        "activation_func": squared_relu,
         "gated_linear_unit": False,
         "add_bias_linear": False,
         "add_qkv_bias": False,
@@ -357,7 +350,7 @@ def transformer_config(
     cpu = (not torch.cuda.is_available()) if cpu is None else cpu
     speed = SpeedSettings(dispatcher=dispatcher) if speed is None else speed
     moe = "E" in cfg.hybrid_override_pattern
-    kwargs = architecture_kwargs(cfg, cpu)
+    kwargs = architecture_kwargs(cfg)
     kwargs.update(moe_kwargs(cfg, balance, te, speed.dispatcher))
     kwargs.update(parallel_kwargs(plan))
     if plan.tp > 1 and moe:

@@ -29,11 +29,11 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 
 # The Slurm tests start a real single-node Slurm (tests/test_slurm.py calls slurm/local/start.sh
 # and stop.sh); slurm-deps installs slurm-wlm, munge and shellcheck via apt when missing.
-# Two workers (pytest-xdist, one test module per worker at a time): the Slurm and signal tests
-# spend most of their time waiting, so the other worker's tests run meanwhile. One torch thread
-# per worker on 2 cores.
+# Two workers (pytest-xdist, one test module per worker at a time, in the order tests/conftest.py
+# sets: the real-Slurm modules first, since they spend most of their time waiting and the other
+# worker's tests run meanwhile). One torch thread per worker on 2 cores.
 test: venv slurm-deps
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadscope tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder tests
 
 # Everything but the tests marked slow (real Slurm, torchrun ranks, Megatron, demo-sized training):
 # a few minutes on 2 cores. `make test` still runs them all.

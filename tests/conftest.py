@@ -68,3 +68,20 @@ def _restore_signal_handlers():
     for sig, handler in before.items():
         if handler is not None and signal.getsignal(sig) is not handler:
             signal.signal(sig, handler)
+
+
+# Run order. `make test` hands whole modules to two xdist workers in collection order
+# (--dist loadscope --no-loadscope-reorder). The real-Slurm modules go first: they mostly wait on
+# Slurm (a time limit's signal, requeues), so started first they overlap everything else instead of
+# running last, alone. The other slow modules (torchrun ranks, Megatron) follow, then the rest.
+_RUN_FIRST = ("test_slurm.py", "test_slurm_megatron.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        if name in _RUN_FIRST:
+            return _RUN_FIRST.index(name)
+        return len(_RUN_FIRST) + (0 if item.get_closest_marker("slow") else 1)
+
+    items.sort(key=rank)  # stable: collection order within a rank

@@ -59,6 +59,9 @@ def jobs(cluster, tmp_path_factory):  # noqa: F811 - the imported fixture
 
     profile = yaml.safe_load((REPO / "slurm" / "local.yaml").read_text())
     profile |= {"procs_per_node": 2, "cpus_per_task": 2, "max_restarts": 3}
+    # tests/test_slurm.py's cluster runs at the same time, numbering its jobs from 1 as well: its
+    # rendezvous ports are 29500 + job id, these 30500 + job id
+    profile["rdzv_port"] = 30500
     profile["paths"] = {"jobs": str(work / "runs" / "jobs")}
     (work / "local2.yaml").write_text(yaml.safe_dump(profile))
 

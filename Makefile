@@ -18,11 +18,12 @@ venv: $(STAMP)
 # installed first, with pip: the CPU wheel lies on disk where only pip looks; any other torch
 # downloads gigabytes. The rest goes in with uv, which keeps that torch (it satisfies the pin)
 # and installs the other ~100 packages in seconds where pip takes over a minute; pip is the
-# fallback where uv cannot be had.
+# fallback where uv cannot be had. --compile-bytecode: as pip does, so that the test processes
+# that start at once do not each compile the same modules on first import.
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints/cpu.txt torch
-	( $(PY) -m pip install -q -c constraints/cpu.txt uv && $(VENV)/bin/uv pip install -q --python $(PY) -c constraints/cpu.txt -e ".[dev]" ) \
+	( $(PY) -m pip install -q -c constraints/cpu.txt uv && $(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -c constraints/cpu.txt -e ".[dev]" ) \
 		|| $(PY) -m pip install -q -c constraints/cpu.txt -e ".[dev]"
 	$(PY) -c "import torch; assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__"
 	touch $(STAMP)

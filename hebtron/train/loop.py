@@ -315,9 +315,13 @@ class Trainer:
         if self._stop_signal is None:
             self._stop_signal = take_pending_stop_signal()
         if self.ops.distributed:
-            flag = torch.tensor([0.0 if self._stop_signal is None else 1.0], device=self.ops.device)
-            if float(self.ops.all_reduce_sum(flag).item()) > 0 and self._stop_signal is None:
-                self._stop_signal = 0  # another rank's signal
+            # which signals the ranks hold, so that every rank names the one that stops the run
+            # even when only another rank has taken it yet (killpg reaches the ranks one by one)
+            kinds = (signal.SIGTERM, signal.SIGUSR1)
+            flags = torch.tensor([float(self._stop_signal == kind) for kind in kinds], device=self.ops.device)
+            seen = self.ops.all_reduce_sum(flags).tolist()
+            if self._stop_signal is None:
+                self._stop_signal = next((int(kind) for kind, n in zip(kinds, seen, strict=True) if n > 0), None)
         return self._stop_signal is not None
 
     def _say(self, text: str) -> None:

@@ -34,7 +34,7 @@ from hebtron.train.guards import EarlyKillGuard, NanGuard, TrainingAborted
 from hebtron.train.metrics import MetricsWriter, Progress
 from hebtron.train.schedule import TokenSchedule
 from hebtron.train.setup import build_train_data, build_valid_data
-from hebtron.train.stop_signals import take_pending as take_pending_stop_signal
+from hebtron.train.stop_signals import STOP_SIGNALS, take_pending as take_pending_stop_signal
 
 
 @dataclass
@@ -301,7 +301,7 @@ class Trainer:
         def handler(signum: int, _frame: Any) -> None:
             self._stop_signal = signum
 
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             try:
                 signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. inside a test runner thread)
@@ -317,11 +317,10 @@ class Trainer:
         if self.ops.distributed:
             # which signals the ranks hold, so that every rank names the one that stops the run
             # even when only another rank has taken it yet (killpg reaches the ranks one by one)
-            kinds = (signal.SIGTERM, signal.SIGUSR1)
-            flags = torch.tensor([float(self._stop_signal == kind) for kind in kinds], device=self.ops.device)
-            seen = self.ops.all_reduce_sum(flags).tolist()
+            held = [float(self._stop_signal == kind) for kind in STOP_SIGNALS]
+            seen = self.ops.all_reduce_sum(torch.tensor(held, device=self.ops.device)).tolist()
             if self._stop_signal is None:
-                self._stop_signal = next((int(kind) for kind, n in zip(kinds, seen, strict=True) if n > 0), None)
+                self._stop_signal = next((int(kind) for kind, n in zip(STOP_SIGNALS, seen, strict=True) if n > 0), None)
         return self._stop_signal is not None
 
     def _say(self, text: str) -> None:

@@ -155,3 +155,27 @@ def test_megatron_backend_lifts_the_parallel_restriction():
         load_recipe(demo, ["parallel.tp=2"], check_paths=False)
     recipe = load_recipe(demo, ["backend=megatron", "parallel.tp=2", "parallel.ep=2"], check_paths=False)
     assert recipe.backend == "megatron" and recipe.parallel.tp == 2
+
+
+def test_compat_imports_megatron_with_no_compiled_function_and_no_inductor():
+    """A fresh process: after ``compat.apply()`` megatron's fused ops are plain functions (the
+    math runs eagerly, nothing compiles at first call) and dynamo/inductor were never imported."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, types\n"
+        "from hebtron.backends.megatron import compat\n"
+        "compat.apply()\n"
+        "from megatron.core import jit\n"
+        "from megatron.core.fusions import fused_bias_geglu\n"
+        "compiled = [f'{n}.{a}' for n, m in list(sys.modules.items()) if n.startswith('megatron.core') and m\n"
+        "            for a, v in vars(m).items()\n"
+        "            if isinstance(v, types.FunctionType) and hasattr(v, '_torchdynamo_orig_callable')]\n"
+        "assert not compiled, compiled\n"
+        "assert isinstance(fused_bias_geglu.geglu, types.FunctionType), fused_bias_geglu.geglu\n"
+        "assert jit.jit_fuser(len) is len\n"
+        "assert 'torch._inductor.compile_fx' not in sys.modules and 'torch._dynamo' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

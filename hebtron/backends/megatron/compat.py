@@ -37,6 +37,8 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -49,9 +51,9 @@ _APPLIED = False
 
 
 def installed_version() -> str:
-    from megatron.core import package_info
-
-    return package_info.__version__
+    """The installed megatron-core, read from its package metadata: importing it to ask would
+    decorate its fused ops with ``torch.compile`` before :func:`apply` can prevent that."""
+    return importlib.metadata.version("megatron-core")
 
 
 def is_applied() -> bool:
@@ -83,12 +85,34 @@ def apply(force: bool = False) -> None:
     problem = refusal(torch.cuda.is_available(), installed_version())
     if problem is not None and not force:
         raise UserError(problem)
+    _import_megatron_uncompiled()
     for patch in _PATCHES:
         patch()
     _APPLIED = True
 
 
 # ----------------------------------------------------------------------------- patches
+def _no_compile(model: Any = None, **_: Any) -> Any:
+    """``torch.compile``'s two call forms, compiling nothing: ``compile(fn)`` and ``compile(**kw)(fn)``."""
+    return model if model is not None else (lambda fn: fn)
+
+
+def _import_megatron_uncompiled() -> None:
+    """Import megatron-core with ``torch.compile`` standing in as the identity. Its module-level
+    ``jit_fuser = torch.compile`` decorations import dynamo and inductor (about 2 s of every CPU
+    process's start) for fused ops that :func:`_patch_compiled_fusions` unwraps anyway; imported
+    this way they are plain functions from the start. A megatron-core imported earlier is left
+    to the unwrapping."""
+    if "megatron.core" in sys.modules:
+        return
+    real = torch.compile
+    torch.compile = _no_compile  # type: ignore[assignment]
+    try:
+        import megatron.core  # noqa: F401
+    finally:
+        torch.compile = real  # type: ignore[assignment]
+
+
 def _patch_current_device() -> None:
     """``torch.cuda.current_device()`` places parameters and buffers (router expert bias, token
     counters, Mamba params, optimizer buckets): answer "cpu" so they land on the CPU."""
@@ -300,8 +324,6 @@ def _patch_compiled_fusions() -> None:
     inductor at its first call, about 3 s per process (more with a cold cache), for kernels of
     toy size. Run the original functions instead: the decorated ones that exist are unwrapped,
     and modules imported later get megatron's own no-op decorator. The math is the same."""
-    import sys
-
     from megatron.core import jit
 
     jit.disable_jit_fuser()

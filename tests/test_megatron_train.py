@@ -64,28 +64,43 @@ def _torchrun(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_megatron_loop_matches_native_and_resumes_at_another_layout(fixture_dir, tmp_path):
+def test_megatron_loop_matches_native_resumes_at_another_layout_and_follows_the_batch_size_policy(fixture_dir, tmp_path):
+    """One uninterrupted native run is the reference for two Megatron runs from the same HF weights:
+    steps 1-2 at tp=2 (losses, router figures, a reshardable checkpoint), then ``--resume auto`` at
+    tp=1, dp=2 for steps 3-4. A batch ramp (8 rows, 16 from token 512: step 3) runs through both,
+    with the noise probe on in the resumed run (tp=2 cannot measure: refused up front), so the resume
+    also checks mid-ramp batch sizes, sqrt LR scaling and the probe's micro-batch gradient norms
+    (2 ranks, one micro-batch each, against 1 process with two: the same units)."""
+    from hebtron.backends.megatron.config_map import ParallelPlan
+    from hebtron.backends.megatron.noise import unsupported_reason
+
+    assert unsupported_reason(ParallelPlan(dp=2)) is None
+    assert "tp = 2" in unsupported_reason(ParallelPlan(tp=2)) and "ep = 2" in unsupported_reason(ParallelPlan(ep=2))
+
     config = HybridConfig(**{**TINY_MODEL, "n_groups": 2, "vocab_size": 400})
     torch.manual_seed(3)
     save_hf(HybridModel(config), tmp_path / "start")
-    # constant LR: the first Megatron run stops at step 2 of 4 (total_steps=2), and a wsd or cosine
-    # curve would then differ from the 4-step native reference; warmup (1 step) does not depend on it
-    recipe = write_recipe(fixture_dir, tmp_path / "native", total_steps=4, eval_interval=0, schedule="constant")
+    # constant LR, no warmup: the first Megatron run stops at step 2 of 4 (total_steps=2), and a
+    # decaying curve would then differ from the 4-step native reference
+    recipe = write_recipe(fixture_dir, tmp_path / "native", total_steps=4, eval_interval=0, schedule="constant",
+                          warmup_tokens=0)
+    ramp = "batch_size={policy: steps, ramp: '0:8 512:16', measure_interval: %d, lr_scaling: sqrt}"
     hf = [f"model.hf_path={tmp_path / 'start'}", "model.init=null", "moe.monitor.interval=2"]
 
-    _native(recipe, *hf)
-    reference = _losses(tmp_path / "native")
+    _native(recipe, *hf, ramp % 1)
+    reference = _records(tmp_path / "native")
     assert sorted(reference) == [1, 2, 3, 4]
 
     mega_dir = tmp_path / "mega"
-    common = [*hf, "backend=megatron", f"logging.run_dir={mega_dir}", f"checkpoint.dir={mega_dir / 'ckpt'}", "checkpoint.reshardable=true"]
-    proc = _torchrun(recipe, *common, "parallel.tp=2", "parallel.dp=1", "train.total_steps=2")
+    common = [*hf, "backend=megatron", f"logging.run_dir={mega_dir}", f"checkpoint.dir={mega_dir / 'ckpt'}",
+              "checkpoint.reshardable=true"]
+    proc = _torchrun(recipe, *common, ramp % 0, "parallel.tp=2", "parallel.dp=1", "train.total_steps=2")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    ours = _losses(mega_dir)
+    ours = _records(mega_dir)
     assert sorted(ours) == [1, 2]
     for step in (1, 2):
-        assert abs(ours[step] - reference[step]) < 2e-4 * reference[step], (step, ours, reference)
-    native_router, mega_router = _records(tmp_path / "native")[2]["router"], _records(mega_dir)[2]["router"]
+        assert abs(ours[step]["loss"] - reference[step]["loss"]) < 2e-4 * reference[step]["loss"], (step, ours, reference)
+    native_router, mega_router = reference[2]["router"], ours[2]["router"]
     for lang in ("he", "en", "all"):  # Megatron's routers, each TP rank seeing half the sequence, summed
         theirs, mine = native_router["layer_2"][lang], mega_router["layer_2"][lang]
         assert theirs["tokens"] == mine["tokens"] > 0, (lang, theirs, mine)
@@ -94,52 +109,20 @@ def test_megatron_loop_matches_native_and_resumes_at_another_layout(fixture_dir,
     ckpt = mega_dir / "ckpt" / "step_00000002"
     assert (ckpt / "megatron" / "metadata.json").is_file() and (ckpt / "COMPLETE").is_file()
 
-    # resumed at tp=1, dp=2: step 3's loss checks the resharded weights and the data position,
-    # step 4's the optimizer state (Adam moments and step count) carried through the checkpoint
-    proc = _torchrun(recipe, *common, "parallel.dp=2", "--resume", "auto")
+    # resumed at tp=1, dp=2: step 3's loss checks the resharded weights, the data position and the
+    # ramp's next size; step 4's the optimizer state (Adam moments and step count) carried through
+    proc = _torchrun(recipe, *common, ramp % 1, "parallel.dp=2", "--resume", "auto")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "resumed from" in proc.stdout and "step_00000002" in proc.stdout
-    resumed = _losses(mega_dir)
-    assert sorted(resumed) == [1, 2, 3, 4]
-    for step in (3, 4):
-        assert abs(resumed[step] - reference[step]) < 2e-4 * reference[step], (step, resumed, reference)
-
-
-def test_megatron_loop_follows_the_batch_size_policy_and_measures_noise_like_native(fixture_dir, tmp_path):
-    """A batch ramp and the noise probe on Megatron (2 data-parallel ranks, one micro-batch each)
-    give the native loop's batch sizes, LR scaling and micro-batch gradient norms (1 process, two
-    micro-batches: the same units), and resuming mid-ramp continues the same sizes."""
-    from hebtron.backends.megatron.config_map import ParallelPlan
-    from hebtron.backends.megatron.noise import unsupported_reason
-
-    assert unsupported_reason(ParallelPlan(dp=2)) is None
-    assert "tp = 2" in unsupported_reason(ParallelPlan(tp=2)) and "ep = 2" in unsupported_reason(ParallelPlan(ep=2))
-
-    config = HybridConfig(**{**TINY_MODEL, "n_groups": 2, "vocab_size": 400})
-    torch.manual_seed(4)
-    save_hf(HybridModel(config), tmp_path / "start")
-    recipe = write_recipe(fixture_dir, tmp_path / "native", total_steps=4, eval_interval=0, schedule="constant",
-                          warmup_tokens=0)  # the first Megatron run stops at step 2: same LR whatever the plan
-    common = [f"model.hf_path={tmp_path / 'start'}", "model.init=null",
-              "batch_size={policy: steps, ramp: '0:8 512:16', measure_interval: 1, lr_scaling: sqrt}"]
-    _native(recipe, *common)
-    reference = _records(tmp_path / "native")
-
-    mega_dir = tmp_path / "mega"
-    mega = [*common, "backend=megatron", "parallel.dp=2", f"logging.run_dir={mega_dir}",
-            f"checkpoint.dir={mega_dir / 'ckpt'}"]
-    proc = _torchrun(recipe, *mega, "train.total_steps=2")
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    proc = _torchrun(recipe, *mega, "--resume", "auto")
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "step_00000002" in proc.stdout
     ours = _records(mega_dir)
+    assert sorted(ours) == [1, 2, 3, 4]
     assert [ours[s]["global_batch"] for s in range(1, 5)] == [reference[s]["global_batch"] for s in range(1, 5)] \
         == [8, 8, 16, 16]
     for step in range(1, 5):
         mine, theirs = ours[step], reference[step]
         assert mine["lr"] == pytest.approx(theirs["lr"], rel=1e-9) and mine["lr_scale"] == theirs["lr_scale"]
         assert abs(mine["loss"] - theirs["loss"]) < 2e-4 * theirs["loss"], (step, mine["loss"], theirs["loss"])
+    for step in (3, 4):
+        mine, theirs = ours[step], reference[step]
         for field in ("noise/g_small_sq", "noise/g_big_sq"):
             assert mine[field] == pytest.approx(theirs[field], rel=2e-3), (step, field, mine[field], theirs[field])
-    assert ours[4]["noise/b_simple_tokens"] == pytest.approx(reference[4]["noise/b_simple_tokens"], rel=2e-2)

@@ -4,7 +4,8 @@ Each engine runs in a fresh process (Megatron patches itself for CPU and keeps g
 state): the trainer for ``backend: native`` and ``backend: megatron`` is the same class, and a
 step whose guard says "skip" leaves every weight bit-identical, while the next, allowed step
 changes them (so the check can fail). The guard sees the step's own global loss and gradient
-norm: the ones the step then reports.
+norm: the ones the step then reports. The same process then poisons a weight with inf: each
+non-finite step is skipped before the update, and the third in a row aborts the run.
 """
 
 from __future__ import annotations
@@ -21,20 +22,26 @@ from tests.train_fixtures import build_training_fixture, write_recipe
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # fresh processes, torchrun, Megatron imports
 
+# One process (or torchrun rank) per engine. With GUARD_STEPS=1 it first drives two steps through
+# engine.train_step with a guard that refuses, then allows; then, for every run, it poisons a norm
+# weight with inf and runs the trainer until the NaN guard aborts. Each rank writes its JSON.
 WORKER = r"""
-import json, sys
+import json, os, sys
+from pathlib import Path
 import torch
 from hebtron.backends.engines import make_trainer
 from hebtron.recipe import load_recipe
 from hebtron.train.engine import StepPlan, split_rows
+from hebtron.train.guards import TrainingAborted
 from hebtron.train.loop import Trainer
 
 trainer = make_trainer(load_recipe(sys.argv[1], sys.argv[2:]))
 engine = trainer.engine
 modules = engine.engine.modules if hasattr(engine, "engine") else [engine.model]
+params = [(n, p) for m in modules for n, p in m.named_parameters()]
 
 def weights():
-    return [p.detach().clone() for m in modules for p in m.parameters()]
+    return [p.detach().clone() for _, p in params]
 
 def step(number, skip):
     seen = []
@@ -48,11 +55,52 @@ def step(number, skip):
     same = all(torch.equal(a, b) for a, b in zip(before, weights(), strict=True))
     return {"same": same, "skipped": result.skipped, "seen": seen, "loss": result.loss, "norm": result.grad_norm}
 
-out = {"trainer": type(trainer) is Trainer, "engine": type(engine).__name__,
-       "refused": step(1, True), "allowed": step(2, False)}
+out = {"trainer": type(trainer) is Trainer, "engine": type(engine).__name__}
+if os.environ.get("GUARD_STEPS") == "1":
+    out.update(refused=step(1, True), allowed=step(2, False))
+
+name, norm = next((n, p) for n, p in params if "norm" in n and n.endswith("weight"))
+with torch.no_grad():
+    norm.fill_(float("inf"))  # every forward now gives a non-finite loss and gradient
+before = weights()
+start = trainer.step
+try:
+    trainer.run()
+    aborted = None
+except TrainingAborted as err:
+    aborted = str(err)
+same = all(torch.equal(a, p.detach()) for a, (_, p) in zip(before, params, strict=True))
+out["poison"] = {"poisoned": name, "aborted": aborted, "steps": trainer.step - start,
+                 "skipped": trainer.nan_guard.total, "same": same}
+rank = engine.ops.rank
 trainer.close()
-print("RESULT " + json.dumps(out))
+(Path(os.environ["RESULT_DIR"]) / f"rank{rank}.json").write_text(json.dumps(out))  # ranks print at once
 """
+
+
+def _run_worker(recipe: Path, tmp_path: Path, backend: str, ranks: int, *extra: str, guard_steps: bool) -> list[dict]:
+    run = tmp_path / "run"
+    args = [str(recipe), f"backend={backend}", "train.nan_guard_max_skips=2", "train.total_steps=6",
+            "train.eval_interval=0", f"logging.run_dir={run}", f"checkpoint.dir={run / 'ckpt'}", *extra]
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] \
+        if ranks > 1 else [sys.executable]
+    env = {**_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "RESULT_DIR": str(tmp_path),
+           "GUARD_STEPS": "1" if guard_steps else "0"}
+    proc = subprocess.run([*launch, str(script), *args], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def _assert_poisoned_steps_skipped_then_aborted(results: list[dict]) -> None:
+    """Every rank: the same decision, its own weights (inf included) bit-identical, the third
+    non-finite step in a row aborts."""
+    for out in results:
+        poison = out["poison"]
+        assert poison["same"], poison
+        assert poison["steps"] == 2 and poison["skipped"] == 3, poison  # two skipped steps, the third aborts
+        assert poison["aborted"] and "consecutive steps with non-finite" in poison["aborted"], poison
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +110,8 @@ def recipe(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("backend", ["native", "megatron"])
-def test_one_trainer_and_the_guard_decides_before_the_update(recipe, backend):
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(recipe), f"backend={backend}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env={**_env(), "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+def test_one_trainer_the_guard_decides_before_the_update_and_non_finite_steps_abort(recipe, tmp_path, backend):
+    out, = _run_worker(recipe, tmp_path, backend, 1, guard_steps=True)
     assert out["trainer"], out
     assert out["engine"] == {"native": "NativeEngine", "megatron": "MegatronTrainEngine"}[backend]
     refused, allowed = out["refused"], out["allowed"]
@@ -76,6 +121,7 @@ def test_one_trainer_and_the_guard_decides_before_the_update(recipe, backend):
         (loss, norm), = result["seen"]  # asked once, with the numbers the step reports
         assert loss == pytest.approx(result["loss"], rel=1e-12) and norm == pytest.approx(result["norm"], rel=1e-12)
         assert loss > 0 and norm > 0
+    _assert_poisoned_steps_skipped_then_aborted([out])
 
 
 def _env() -> dict[str, str]:
@@ -110,55 +156,8 @@ def test_two_native_ranks_collate_their_own_rows_and_train_like_one(recipe, tmp_
         assert loss_a == pytest.approx(loss_b, rel=1e-5)
 
 
-POISON = r"""
-import json, os, sys
-from pathlib import Path
-import torch
-from hebtron.backends.engines import make_trainer
-from hebtron.recipe import load_recipe
-from hebtron.train.guards import TrainingAborted
-
-trainer = make_trainer(load_recipe(sys.argv[1], sys.argv[2:]))
-engine = trainer.engine
-modules = engine.engine.modules if hasattr(engine, "engine") else [engine.model]
-params = [(n, p) for m in modules for n, p in m.named_parameters()]
-name, norm = next((n, p) for n, p in params if "norm" in n and n.endswith("weight"))
-with torch.no_grad():
-    norm.fill_(float("inf"))  # every forward now gives a non-finite loss and gradient
-before = [p.detach().clone() for _, p in params]
-try:
-    trainer.run()
-    aborted = None
-except TrainingAborted as err:
-    aborted = str(err)
-same = all(torch.equal(a, p.detach()) for a, (_, p) in zip(before, params, strict=True))
-out = {"poisoned": name, "aborted": aborted, "step": trainer.step, "skipped": trainer.nan_guard.total, "same": same}
-rank = engine.ops.rank
-trainer.close()
-(Path(os.environ["RESULT_DIR"]) / f"rank{rank}.json").write_text(json.dumps(out))  # ranks print at once
-"""
-
-
-@pytest.mark.parametrize("backend,ranks", [("native", 1), ("megatron", 1), ("megatron", 2)])
-def test_non_finite_steps_are_skipped_before_the_update_then_abort(recipe, tmp_path, backend, ranks):
-    """A non-finite loss and gradient on every step: each is skipped before the optimizer
-    touches anything (weights, inf included, bit-identical), and the third in a row aborts."""
-    run = tmp_path / "run"
-    args = [str(recipe), f"backend={backend}", "train.nan_guard_max_skips=2", "train.total_steps=6",
-            "train.eval_interval=0", f"logging.run_dir={run}", f"checkpoint.dir={run / 'ckpt'}"]
-    if ranks == 2:
-        args += ["parallel.dp=2", "parallel.ep=2"]  # expert shards differ per rank, dense ones are replicas
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        script = tmp_path / "poison.py"
-        script.write_text(POISON)
-        cmd = [*launch, str(script), *args]
-    else:
-        cmd = [sys.executable, "-c", POISON, *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "RESULT_DIR": str(tmp_path)})
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)]
-    for out in results:  # every rank: same decision, its own weights untouched
-        assert out["same"], out
-        assert out["step"] == 2 and out["skipped"] == 3, out  # two skipped steps, the third aborts
-        assert out["aborted"] and "aborted at step 3: 3 consecutive steps with non-finite" in out["aborted"], out
+def test_non_finite_steps_are_skipped_on_every_megatron_rank_then_abort(recipe, tmp_path):
+    """2 ranks, dp=2 and ep=2: expert shards differ per rank, dense ones are replicas; every rank
+    decides alike from the global figures."""
+    _assert_poisoned_steps_skipped_then_aborted(
+        _run_worker(recipe, tmp_path, "megatron", 2, "parallel.dp=2", "parallel.ep=2", guard_steps=False))

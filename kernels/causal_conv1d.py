@@ -1,16 +1,16 @@
 """Depthwise causal conv1d that restarts at document boundaries (packed sequences).
 
-The reference is plain PyTorch and is the CPU path. On CUDA, when the ``causal-conv1d``
-package is installed, its kernel is used: it takes ``seq_idx`` natively. Nothing GPU-only is
-imported on CPU.
+The reference is plain PyTorch and is the CPU path. On CUDA the ``causal-conv1d`` package's
+kernel runs (it takes ``seq_idx`` natively); without it a CUDA run stops with one line unless
+``HEBTRON_ALLOW_REFERENCE_KERNELS=1``. Nothing GPU-only is imported on CPU.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
+
+from hebtron.kernels.dispatch import CAUSAL_CONV1D, gpu_kernel
 
 
 def causal_conv1d_ref(
@@ -46,15 +46,6 @@ def causal_conv1d_ref(
     return out
 
 
-@functools.cache
-def _cuda_kernel():
-    try:
-        from causal_conv1d import causal_conv1d_fn  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return causal_conv1d_fn
-
-
 def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -62,8 +53,9 @@ def causal_conv1d(
     seq_idx: torch.Tensor | None = None,
     activation: str | None = "silu",
 ) -> torch.Tensor:
-    """Dispatch: the causal-conv1d CUDA kernel where available, else the reference."""
-    if x.is_cuda and (kernel := _cuda_kernel()) is not None:
+    """Dispatch: the causal-conv1d kernel on CUDA (its absence there is an error, see
+    :mod:`hebtron.kernels.dispatch`), the reference elsewhere."""
+    if x.is_cuda and (kernel := gpu_kernel(CAUSAL_CONV1D, x.device)) is not None:
         idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
         return kernel(x, weight, bias, seq_idx=idx, activation=activation)
     return causal_conv1d_ref(x, weight, bias, seq_idx, activation)

@@ -8,17 +8,18 @@ splitting rows, so the packed result equals running each document alone.
 
 Precision: every decay exponent is a sum over a contiguous span computed by a masked cumulative
 sum (never a difference of two long cumulative sums), which keeps fp32 errors at the level of
-one chunk. On CUDA with ``mamba-ssm`` installed, its Triton kernel (which takes ``seq_idx``) is
-used instead.
+one chunk. On CUDA mamba-ssm's Triton kernel (which takes ``seq_idx``) runs instead; without it a CUDA run
+stops with one line unless ``HEBTRON_ALLOW_REFERENCE_KERNELS=1``.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
+
+from hebtron.kernels.dispatch import SSD_SCAN, gpu_kernel
 
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
@@ -156,15 +157,6 @@ def ssd_sequential_ref(
     return torch.stack(ys, dim=1).to(x.dtype)
 
 
-@functools.cache
-def _cuda_kernel():
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return mamba_chunk_scan_combined
-
-
 def ssd_chunk_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -178,8 +170,9 @@ def ssd_chunk_scan(
     dt_limit: tuple[float, float] = (0.0, math.inf),
     seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dispatch: mamba-ssm's Triton kernel on CUDA where installed, else the reference."""
-    if x.is_cuda and (kernel := _cuda_kernel()) is not None:
+    """Dispatch: mamba-ssm's Triton kernel on CUDA (its absence there is an error, see
+    :mod:`hebtron.kernels.dispatch`), the reference elsewhere."""
+    if x.is_cuda and (kernel := gpu_kernel(SSD_SCAN, x.device)) is not None:
         idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
         return kernel(
             x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit, seq_idx=idx

@@ -21,10 +21,11 @@ import torch
 from hebtron.backends.native import NativeBackend
 from hebtron.backends.native_noise import GradientNoiseProbe
 from hebtron.model.hf import hf_tensors_from_state, load_hf_state_dict
+from hebtron.model.implementations import implementations
 from hebtron.recipe import Recipe
 from hebtron.train.checkpoint import load_checkpoint, save_checkpoint
 from hebtron.train.engine import MODEL_INPUTS, StepPlan, StepResult
-from hebtron.train.loss import token_loss_sum_from_hidden
+from hebtron.train.loss import LOSS_IMPLEMENTATION, token_loss_sum_from_hidden
 from hebtron.train.moe_step import MoEStep
 from hebtron.train.optim import build_adamw, clip_grad_norm
 from hebtron.train.schedule import set_lr
@@ -86,10 +87,16 @@ class NativeEngine:
         )
         self.moe = MoEStep(recipe.moe, self.model, self.ops, self.config.pad_token_id)
         self.noise_probe = GradientNoiseProbe(self.model, self.ops, required=recipe.batch_size.policy == "adaptive")
+        # decided now, so a CUDA run without its kernels stops before it trains (one line)
+        self.kernels = implementations(model, self.ops.device, self._compute_dtype())
+
+    def _compute_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.recipe.train.precision == "bf16" else next(self.model.parameters()).dtype
 
     def notes(self) -> list[str]:
+        kernels = ", ".join(f"{part} {impl}" for part, impl in {**self.kernels, "loss": LOSS_IMPLEMENTATION}.items())
         note = self.moe.note()
-        return [note] if note else []
+        return [f"kernels: {kernels}", *([note] if note else [])]
 
     def load_pretrained(self) -> None:
         """Nothing to do: :func:`build_model` already read ``model.hf_path`` (config and weights

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from hebtron.kernels.chunked_ce import chunked_linear_cross_entropy
 
 PLAIN_MAX_LOGITS = 2**25  # 128 MB of fp32 logits: below this the head is materialized
+LOSS_IMPLEMENTATION = "chunked linear cross-entropy (plain below 2^25 logits per micro-batch)"
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 # sets: the real-Slurm modules first, since they spend most of their time waiting and the other
 # worker's tests run meanwhile). One torch thread per worker on 2 cores.
 test: venv slurm-deps
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder --durations=15 tests
 
 # Everything but the tests marked slow (real Slurm, torchrun ranks, Megatron, demo-sized training):
 # a few minutes on 2 cores. `make test` still runs them all.

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from hebtron.errors import UserError
@@ -327,3 +328,39 @@ def test_json_schema_covers_every_section(tmp_path: Path) -> None:
 def test_recipe_section_paths_are_os_paths(tmp_path: Path) -> None:
     recipe = load_recipe(write_recipe(tmp_path))
     assert os.path.isabs(recipe.checkpoint.dir) and os.path.isabs(recipe.data.valid[0].path)
+
+
+def test_precision_and_memory_controls_are_checked_in_one_line(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, valid_tree())
+    assert error_of(path, ["train.precision=fp32", "train.master_weights=bf16"]) == (
+        "override 'train.master_weights=bf16': train.master_weights: bf16 master weights need precision bf16, "
+        "got 'fp32'")
+    for override in ("train.master_weights=bf16", "train.activation_checkpointing=full", "train.sharded_accumulation=true"):
+        field = override.split("=")[0]
+        assert error_of(path, ["backend=megatron", override]).startswith(
+            f"override '{override}': {field}: a native-backend setting")
+    assert error_of(path, ["train.activation_checkpointing=some"]).startswith(
+        "override 'train.activation_checkpointing=some': train.activation_checkpointing: expected 'none', 'full' "
+        "or 'selective', got 'some'")
+    recipe = load_recipe(path, ["train.activation_checkpointing=selective", "train.sharded_accumulation=true"])
+    assert recipe.train.master_weights == "fp32" and recipe.train.activation_checkpointing == "selective"
+
+
+def test_bf16_model_dtype_still_trains_fp32_master_weights(tmp_path: Path) -> None:
+    from hebtron.model import HybridConfig, HybridModel
+    from hebtron.model.hf import save_hf
+    from hebtron.train.setup import build_model
+    from tests.conftest import TINY_CONFIGS
+
+    save_hf(HybridModel(HybridConfig(**TINY_CONFIGS["nano-like"])).to(torch.bfloat16), tmp_path / "hf")
+    tree = valid_tree()
+    tree["model"] = {"hf_path": str(tmp_path / "hf"), "dtype": "bfloat16"}
+    path = write_recipe(tmp_path, tree)
+
+    class Tokenizer:  # build_model asks only for the vocabulary size
+        def __len__(self) -> int:
+            return 10
+
+    for master, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = build_model(load_recipe(path, [f"train.master_weights={master}"], check_paths=False), Tokenizer())
+        assert {p.dtype for p in model.parameters()} == {dtype}, master

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hebtron.backends.activation_checkpointing import apply_activation_checkpointing
 from hebtron.errors import UserError
 from hebtron.train.engine import ProcessGroupOps
 
@@ -40,24 +41,35 @@ class NativeBackend(ProcessGroupOps):
         if self.distributed and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.sharded = False
+        self.sharded_accumulation = False
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """FSDP2: shard each block, then the root (embeddings, final norm, head)."""
+    def wrap(self, model: nn.Module, precision: str = "fp32", activation_checkpointing: str = "none",
+             sharded_accumulation: bool = False) -> nn.Module:
+        """Activation checkpointing per block, then FSDP2: shard each block, then the root
+        (embeddings, final norm, head). With ``precision`` bf16 the shards stay in the master
+        dtype while forward and backward see bf16 copies (all-gathered in bf16) and gradients are
+        reduced in fp32: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``."""
         model.to(self.device)
+        apply_activation_checkpointing(model, activation_checkpointing)
         if self.distributed:
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+            policy = MixedPrecisionPolicy()
+            if precision == "bf16":
+                policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             for block in model.backbone.layers:
-                fully_shard(block)
-            fully_shard(model)
+                fully_shard(block, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
             self.sharded = True
+            self.sharded_accumulation = sharded_accumulation
         return model
 
     @contextlib.contextmanager
     def gradient_sync(self, model: nn.Module, enabled: bool) -> Iterator[None]:
-        """Skip the gradient reduce-scatter on all but the last micro-batch of a step."""
+        """Skip the gradient reduce-scatter on all but the last micro-batch of a step, unless
+        gradients accumulate sharded (a reduce-scatter after every micro-batch)."""
         if self.sharded:
-            model.set_requires_gradient_sync(enabled)
+            model.set_requires_gradient_sync(enabled or self.sharded_accumulation)
         yield
 
     @property

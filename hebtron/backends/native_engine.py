@@ -81,7 +81,7 @@ class NativeEngine:
         self.dp_rank, self.dp_size = self.ops.rank, self.ops.world_size
         model = build_model(recipe, tokenizer)  # reads model.hf_path's weights while building
         self.config = model.config
-        self.model = self.ops.wrap(model)
+        self.model = self.ops.wrap(model, train.precision, train.activation_checkpointing, train.sharded_accumulation)
         self.optimizer = build_adamw(
             self.model, train.lr, train.weight_decay, (train.adam_beta1, train.adam_beta2), train.adam_eps
         )
@@ -95,8 +95,12 @@ class NativeEngine:
 
     def notes(self) -> list[str]:
         kernels = ", ".join(f"{part} {impl}" for part, impl in {**self.kernels, "loss": LOSS_IMPLEMENTATION}.items())
+        notes = [f"kernels: {kernels}"]
+        if self.recipe.train.master_weights == "bf16":
+            notes.append("warning: train.master_weights bf16: AdamW updates bf16 weights, and relative updates "
+                         "below ~4e-3 (bf16's resolution) round away; fp32 master weights are the default")
         note = self.moe.note()
-        return [f"kernels: {kernels}", *([note] if note else [])]
+        return [*notes, *([note] if note else [])]
 
     def load_pretrained(self) -> None:
         """Nothing to do: :func:`build_model` already read ``model.hf_path`` (config and weights

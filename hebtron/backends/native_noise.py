@@ -6,7 +6,9 @@ clipping). The "small" batches are the units the step is already split into:
 - one process: each micro-batch. Its gradient is the difference of the accumulated gradient
   before and after its backward (one snapshot copy of the gradients, on measuring steps only).
 - FSDP2 ranks: each rank's accumulated gradient, read from the input of the gradient
-  reduce-scatter through FSDP's public ``set_custom_reduce_scatter`` hook.
+  reduce-scatter through FSDP's public ``set_custom_reduce_scatter`` hook. With sharded
+  accumulation the reduce-scatter runs after every micro-batch, so each rank's micro-batch is
+  a unit, as on one process.
 
 Either way the same global batch split into the same units gives the same estimate, whatever
 the number of ranks. Units are converted to mean gradients over their own loss tokens.
@@ -36,7 +38,7 @@ class _RecordingReduceScatter:
 
     def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
         if self.probe.recording:
-            self.probe.local_sq += input_tensor.detach().float().pow(2).sum()
+            self.probe.local_sq += torch.linalg.vector_norm(input_tensor.detach(), dtype=torch.float32).square()
         return dist.reduce_scatter_single(output=output_tensor, input=input_tensor, group=group, op=op,
                                           async_op=async_op)
 
@@ -82,17 +84,21 @@ class GradientNoiseProbe:
         self.active = measure
 
     def before_backward(self, index: int, count: int) -> None:
-        """Sharded: record the reduce-scatter input, which only flows on the last micro-batch."""
-        self.recording = self.active and self.backend.sharded and index == count - 1
+        """Sharded: record the reduce-scatter input, which flows on the last micro-batch only
+        (or on every one, with sharded accumulation)."""
+        per_micro = self.backend.sharded_accumulation
+        self.recording = self.active and self.backend.sharded and (per_micro or index == count - 1)
 
     def after_backward(self, index: int, count: int, micro_tokens: float) -> None:
         if not self.active:
             return
         if self.backend.sharded:
             self._rank_tokens += micro_tokens
-            if index == count - 1:
+            if index == count - 1 or self.backend.sharded_accumulation:
                 self._unit_sq.append(self.local_sq.clone())
                 self._unit_tokens.append(self._rank_tokens)
+                self.local_sq.zero_()
+                self._rank_tokens = 0.0
                 self.recording = False
             return
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -100,7 +106,7 @@ class GradientNoiseProbe:
             unit = grads
         else:
             unit = torch._foreach_sub(grads, self._snapshot)
-        self._unit_sq.append(torch.stack([g.float().pow(2).sum() for g in unit]).sum())
+        self._unit_sq.append(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in unit]).square().sum())
         self._unit_tokens.append(micro_tokens)
         if index < count - 1:
             self._snapshot = [g.detach().clone() for g in grads]

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from hebtron.model.attention import Attention, Documents, attention_path, prepare_documents
 from hebtron.model.config import HybridConfig
@@ -87,7 +86,6 @@ class HybridModel(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
-        self.activation_checkpointing = False
         # "auto" picks per device and dtype (hebtron.model.attention); tests force "dense" (the
         # reference), "flex" or "segments" to compare them.
         self.attention_impl = "auto"
@@ -141,10 +139,7 @@ class HybridModel(nn.Module):
         hidden = self.backbone.embeddings(input_ids)
         routers: list[RouterRecord] = []
         for block in self.backbone.layers:
-            if self.activation_checkpointing and self.training:
-                hidden, record = checkpoint(block, hidden, seq_idx, documents, use_reentrant=False)
-            else:
-                hidden, record = block(hidden, seq_idx, documents)
+            hidden, record = block(hidden, seq_idx, documents)
             if record is not None:
                 routers.append(record)
         hidden = self.backbone.norm_f(hidden)

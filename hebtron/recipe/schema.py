@@ -82,7 +82,8 @@ class ModelSection(Section):
     init: dict[str, Any] | None = Field(
         None, description="inline HybridConfig fields for a model trained from scratch (checked by hebtron.model)"
     )
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="parameter dtype on load")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="dtype the weights are read in; training converts them to train.master_weights")
 
     @field_validator("hf_path", mode="before")
     @classmethod
@@ -275,7 +276,19 @@ class TrainSection(Section):
     adam_beta2: float = Field(0.95, ge=0, lt=1)
     adam_eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 turns clipping off")
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Literal["fp32", "bf16"] = Field(
+        "bf16", description="bf16: bf16 compute over fp32 master weights and optimizer state, fp32 gradient "
+                            "reduction (FSDP2: MixedPrecisionPolicy; one process: autocast)")
+    master_weights: Literal["fp32", "bf16"] = Field(
+        "fp32", description="native: the dtype AdamW updates (whatever model.dtype says); bf16 only with precision "
+                            "bf16, and warned: relative updates below ~4e-3 round away")
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="native: recompute activations in backward; full: each block keeps only its input; "
+                            "selective: each block keeps its matmul and attention outputs, recomputes the rest")
+    sharded_accumulation: bool = Field(
+        False, description="native FSDP2: reduce-scatter after every micro-batch, so gradients stay sharded "
+                           "(1/dp of the gradient memory, one reduce-scatter per micro-batch); default: unsharded "
+                           "gradients until the last micro-batch, one reduce-scatter per step")
     seed: int = Field(1234, ge=0)
     nan_guard_max_skips: int = Field(5, ge=0, description="non-finite steps skipped in a row before the run stops")
     early_kill: EarlyKill = Field(default_factory=EarlyKill)
@@ -292,6 +305,8 @@ class TrainSection(Section):
         if self.schedule != "wsd" and self.decay_tokens is not None:
             what = "has no decay" if self.schedule == "constant" else "decays from the end of warmup to the end"
             raise FieldProblem(("decay_tokens",), f"schedule {self.schedule!r} {what}; remove decay_tokens or use 'wsd'")
+        if self.master_weights == "bf16" and self.precision != "bf16":
+            raise FieldProblem(("master_weights",), f"bf16 master weights need precision bf16, got {self.precision!r}")
         return self
 
 
@@ -520,6 +535,12 @@ class Recipe(Section):
                     ("parallel", degree),
                     f"parallel.{degree} > 1 needs backend: megatron (backend '{self.backend}' uses dp only), got {value}",
                 )
+        if self.backend == "megatron":
+            for field, default in (("master_weights", "fp32"), ("activation_checkpointing", "none"),
+                                   ("sharded_accumulation", False)):
+                if getattr(train, field) != default:
+                    raise FieldProblem(("train", field), "a native-backend setting (Megatron keeps "
+                                       "fp32 main weights and shards gradients itself); remove it for backend megatron")
         if train.global_batch % (train.micro_batch * par.dp):
             raise FieldProblem(
                 ("train", "micro_batch"),

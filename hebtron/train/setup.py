@@ -34,8 +34,15 @@ def model_config(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> HybridCo
     return HybridConfig.from_dict(raw, source="recipe: model.init")
 
 
+def master_dtype(recipe: Recipe) -> torch.dtype:
+    """The dtype of the weights the optimizer updates (and of its state)."""
+    return torch.bfloat16 if recipe.train.master_weights == "bf16" else torch.float32
+
+
 def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> HybridModel:
-    """From a HF checkpoint (``model.hf_path``) or from scratch (``model.init``), seeded."""
+    """From a HF checkpoint (``model.hf_path``) or from scratch (``model.init``), seeded, in the
+    master-weight dtype (``train.master_weights``): ``model.dtype`` is how the weights are read,
+    never by itself the dtype AdamW updates."""
     section = recipe.model
     torch.manual_seed(recipe.train.seed)
     if section.hf_path is not None:
@@ -44,6 +51,7 @@ def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> HybridMod
         model = HybridModel(model_config(recipe, tokenizer))
         if section.dtype:
             model.to(DTYPES[section.dtype])
+    model.to(master_dtype(recipe))
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(
             f"recipe: model: vocab_size {model.config.vocab_size} is smaller than the tokenizer's "

@@ -44,7 +44,8 @@ STATE_FILE = "trainer_state.json"
 COMPLETE_FILE = "COMPLETE"
 KEEP_FILE = "KEEP"
 MEGATRON_DIR = "megatron"  # a Megatron-backend step_N's distributed checkpoint
-HF_CACHE_DIR = "hf"  # beside it: its Hugging Face conversion (hebtron.backends.hf_dirs)
+SHARDED_DIR = "dcp"  # a native FSDP2 step_N's torch.distributed.checkpoint (every rank's shards)
+HF_CACHE_DIR = "hf"  # beside either: its Hugging Face conversion (hebtron.backends.hf_dirs)
 LATEST_FILE = "latest"
 FORMAT_VERSION = 1
 # Files any one of which makes a directory a tokenizer directory (HF fast / slow, Mistral Tekken).
@@ -232,6 +233,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> CheckpointRef:
         raise CheckpointError(problem)
     step, extra = read_trainer_state(found)
     return CheckpointRef(found, step, extra)
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a native FSDP2 ``step_N`` (weights sharded in ``dcp/``, no safetensors)."""
+    return (Path(path) / SHARDED_DIR / ".metadata").is_file()
 
 
 def is_megatron_checkpoint(path: str | os.PathLike) -> bool:

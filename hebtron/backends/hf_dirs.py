@@ -4,7 +4,9 @@ command that reads weights (export, eval, monitor probe, convert, SFT's ``model.
 - a HF directory, or a native ``step_N`` (already HF layout): itself;
 - a Megatron-backend ``step_N``, or a checkpoints directory whose latest is one: its conversion,
   made once and cached as ``step_N/hf/`` (:mod:`hebtron.backends.megatron.hf_export`, imported only
-  for Megatron checkpoints; it needs no megatron-core and no process groups).
+  for Megatron checkpoints; it needs no megatron-core and no process groups);
+- a native FSDP2 ``step_N`` (sharded ``dcp/``): likewise, converted once into ``step_N/hf/``
+  (:mod:`hebtron.backends.native_sharded`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hebtron.checkpoints import CheckpointRef, is_megatron_checkpoint, resolve_checkpoint
+from hebtron.checkpoints import CheckpointRef, is_megatron_checkpoint, is_sharded_checkpoint, resolve_checkpoint
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,10 @@ def hf_checkpoint(path: str | os.PathLike) -> HFCheckpoint:
         from hebtron.backends.megatron.hf_export import cached_hf_dir
 
         return HFCheckpoint(ref, cached_hf_dir(ref))
+    if is_sharded_checkpoint(ref.path):
+        from hebtron.backends.native_sharded import cached_hf_dir as sharded_hf_dir
+
+        return HFCheckpoint(ref, sharded_hf_dir(ref))
     return HFCheckpoint(ref, ref.path)
 
 
@@ -59,4 +65,6 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str 
         return export_megatron(ref.path, out, dtype)
     from hebtron.train.export import export_checkpoint
 
+    if is_sharded_checkpoint(ref.path):  # gathered here, once, never at save time
+        return export_checkpoint(ref.path, Path(out), dtype, weights=hf_directory(ref.path))
     return export_checkpoint(ref.path, Path(out), dtype)

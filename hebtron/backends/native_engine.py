@@ -10,7 +10,6 @@ optimizer state and the trainer's ``extra``.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -20,6 +19,8 @@ import torch
 
 from hebtron.backends.native import NativeBackend
 from hebtron.backends.native_noise import GradientNoiseProbe
+from hebtron.backends.native_sharded import config_json, load_sharded, save_sharded
+from hebtron.checkpoints import is_sharded_checkpoint
 from hebtron.model.hf import hf_tensors_from_state, load_hf_state_dict
 from hebtron.model.implementations import implementations
 from hebtron.recipe import Recipe
@@ -150,20 +151,29 @@ class NativeEngine:
 
     # --------------------------------------------------------------- checkpoints
     def save(self, root: Path, step: int, extra: dict[str, Any], keep_last: int | None) -> Path | None:
+        if self.ops.sharded:  # FSDP2: each rank writes its own shards (hebtron.backends.native_sharded)
+            moe_state = self.moe.state_dict()  # collective: every rank
+            return save_sharded(self.model, self.optimizer, root, step, self.ops.rank, {**extra, "moe": moe_state},
+                                config_json(self.config), keep_last)
         model_state = self.ops.model_state(self.model)
         optim_state = self.ops.optimizer_state(self.model, self.optimizer)
         moe_state = self.moe.state_dict()  # collective: every rank
         path = None
         if self.ops.is_main:
-            config_json = json.dumps(self.config.to_hf_dict(), indent=2, sort_keys=True)
             path = save_checkpoint(
                 root, step, dict(hf_tensors_from_state(model_state)), optim_state, {**extra, "moe": moe_state},
-                keep_last=keep_last, extra_files={"config.json": config_json},
+                keep_last=keep_last, extra_files={"config.json": config_json(self.config)},
             )
         self.ops.barrier()
         return path
 
     def load(self, path: Path) -> dict[str, Any]:
+        """Either format at any dp: a sharded checkpoint reshards to this run's ranks; a
+        single-process one is read whole and (FSDP2) scattered."""
+        if is_sharded_checkpoint(path):
+            extra = load_sharded(self.model, self.optimizer, path)
+            self.moe.load_state_dict(extra.get("moe") or {})
+            return extra
         _, optim_state, extra = load_checkpoint(path)
         self.ops.load_model_state(self.model, load_hf_state_dict(path, self.config))
         if optim_state is not None:

@@ -27,7 +27,7 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from hebtron.checkpoints import (
     list_checkpoints,
     read_trainer_state,
     scratch_path,
+    scratch_tag,
     stale_scratch,
     write_text_synced,
 )
@@ -102,6 +103,43 @@ def save_checkpoint(
     for fname, text in (extra_files or {}).items():
         write_text_synced(tmp / fname, text)
     return publish_checkpoint(tmp, root, step, keep_last)
+
+
+def save_collectively(
+    root: str | os.PathLike,
+    step: int,
+    rank: int,
+    write_shards: Callable[[Path], None],
+    extra: Mapping[str, Any],
+    extra_files: Mapping[str, str],
+    keep_last: int | None = None,
+) -> Path:
+    """A checkpoint every rank writes part of (its shards), published as :func:`save_checkpoint`
+    publishes one: collective, every rank calls it. All ranks write into rank 0's scratch
+    directory (``step_N.tmp-<host>-<pid>`` of rank 0, so ranks on other nodes use the same
+    name); ``write_shards(tmp)`` is the collective write; rank 0 then adds the trainer state and
+    ``extra_files`` and publishes (manifest, rename, ``latest``, pruning). A crash at any point
+    leaves the previous checkpoint the newest complete one. Returns the final directory."""
+    import torch.distributed as dist
+
+    root = Path(root)
+    name = checkpoint_name(step)
+    tag = [scratch_tag()]
+    dist.broadcast_object_list(tag, src=0)
+    tmp = scratch_path(root, name, "tmp", tag[0])
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    write_shards(tmp)
+    dist.barrier()  # every rank's shards are on disk before the manifest lists them
+    if rank == 0:
+        write_text_synced(tmp / STATE_FILE, json.dumps({"format": FORMAT_VERSION, "step": step, "extra": dict(extra)}))
+        for fname, text in extra_files.items():
+            write_text_synced(tmp / fname, text)
+        publish_checkpoint(tmp, root, step, keep_last)
+    dist.barrier()
+    return root / name
 
 
 def publish_checkpoint(tmp: Path, root: Path, step: int, keep_last: int | None = None) -> Path:

@@ -32,16 +32,18 @@ def save_export_tokenizer(ref: CheckpointRef, out: Path) -> bool:
     return True
 
 
-def export_checkpoint(checkpoint: Path, out: Path, dtype: str | None = None) -> Path:
+def export_checkpoint(checkpoint: Path, out: Path, dtype: str | None = None, weights: Path | None = None) -> Path:
     """Native ``checkpoint`` (a ``step_N`` or a checkpoints directory: its latest) -> HF directory
-    ``out``. Megatron checkpoints go through ``hebtron.backends.hf_dirs.export_hf``."""
+    ``out``; ``weights``: a HF directory holding its weights when the step directory does not (a
+    sharded checkpoint's conversion). Megatron checkpoints go through
+    ``hebtron.backends.hf_dirs.export_hf``."""
     ref = resolve_checkpoint(checkpoint)
     if not ref.is_training_checkpoint:
         raise CheckpointError(f"{ref.path}: already a Hugging Face directory (no {STATE_FILE}); nothing to export")
     if is_megatron_checkpoint(ref.path):
         raise CheckpointError(f"{ref.path}: a Megatron checkpoint; export it with `hebtron export` "
                               "(hebtron.backends.hf_dirs.export_hf)")
-    model = load_hf(ref.path, dtype=None)
+    model = load_hf(weights or ref.path, dtype=None)
     save_hf(model, out, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype or ""))
     save_export_tokenizer(ref, out)
     return out

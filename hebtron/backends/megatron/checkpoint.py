@@ -10,32 +10,20 @@
         COMPLETE                   manifest of every file (relative paths and sizes), written last
 
 Every rank writes its shards into ``step_N.tmp-<host>-<pid>`` of rank 0; rank 0 then writes the
-state and hands the directory to :func:`hebtron.train.checkpoint.publish_checkpoint` (removes
-this host's stale scratch entries, manifest, rename, ``latest``), the native saver's own last
-step. A crash at any point leaves the previous checkpoint as the newest complete one
+state and publishes the directory (:func:`hebtron.train.checkpoint.save_collectively`, which the
+native FSDP2 saver uses too: stale scratch entries of this host, manifest, rename, ``latest``). A crash at any point leaves the previous checkpoint as the newest complete one
 (:func:`hebtron.checkpoints.find_latest` checks the manifest).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
-from hebtron.checkpoints import (
-    FORMAT_VERSION,
-    STATE_FILE,
-    checkpoint_name,
-    checkpoint_problem,
-    scratch_path,
-    scratch_tag,
-    write_text_synced,
-)
+from hebtron.checkpoints import STATE_FILE, checkpoint_problem
 from hebtron.errors import CheckpointError
-from hebtron.train.checkpoint import publish_checkpoint
+from hebtron.train.checkpoint import save_collectively
 
 MEGATRON_DIR = "megatron"
 
@@ -43,24 +31,8 @@ MEGATRON_DIR = "megatron"
 def save(engine: Any, root: str | Path, step: int, extra: dict[str, Any], config_json: str,
          keep_last: int | None = None) -> Path:
     """Collective: every rank calls it. Returns the final directory."""
-    root = Path(root)
-    name = checkpoint_name(step)
-    tag = [scratch_tag()]  # rank 0's host and pid: ranks on other nodes must use the same name
-    dist.broadcast_object_list(tag, src=0)
-    tmp = scratch_path(root, name, "tmp", tag[0])
-    if engine.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    engine.save_checkpoint(tmp / MEGATRON_DIR)
-    final = root / name
-    if engine.rank == 0:
-        write_text_synced(tmp / STATE_FILE, json.dumps({"format": FORMAT_VERSION, "step": step, "extra": extra}))
-        write_text_synced(tmp / "config.json", config_json)
-        write_text_synced(tmp / "hebtron_config.json", config_json)
-        publish_checkpoint(tmp, root, step, keep_last)
-    dist.barrier()
-    return final
+    return save_collectively(root, step, engine.rank, lambda tmp: engine.save_checkpoint(tmp / MEGATRON_DIR), extra,
+                             {"config.json": config_json, "hebtron_config.json": config_json}, keep_last)
 
 
 def load(engine: Any, path: str | Path, with_optimizer: bool = True) -> dict[str, Any]:

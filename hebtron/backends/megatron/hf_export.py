@@ -10,10 +10,8 @@ shard. Optimizer state is never read. The result is what a native export writes:
 ``config.json``, the recorded tokenizer and, for SFT runs, the chat template
 (:func:`hebtron.train.export.save_export_tokenizer`).
 
-:func:`cached_hf_dir` keeps one conversion per checkpoint in ``step_N/hf/``: written to
-``step_N/hf.tmp-<host>-<pid>`` under a lock and renamed into place, so concurrent callers (every
-rank of a run starting from the checkpoint, an evaluation job) convert once and never see half a
-directory. A crash leaves only a scratch entry, removed by the next conversion on that host.
+:func:`cached_hf_dir` keeps one conversion per checkpoint in ``step_N/hf/``, made once even with
+concurrent callers (:mod:`hebtron.train.hf_cache`).
 
 Unpickling: ``.metadata`` is a pickle (PyTorch's format). It is read through an allow-list
 unpickler that only builds ``torch.distributed.checkpoint``'s metadata classes, ``torch.Size``,
@@ -23,17 +21,13 @@ reader. ``common.pt`` (a full pickle) is never opened.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
-import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,19 +35,17 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from hebtron.train.dcp_safe import read_metadata
+from hebtron.train.hf_cache import cached_conversion, publish_directory
 from hebtron.backends.megatron.checkpoint_io import CONFIG_NAME
 from hebtron.backends.megatron.convert import TOP_KEYS, layer_to_hf, top_to_hf
 from hebtron.checkpoints import (
     CONFIG_FILE,
-    HF_CACHE_DIR,
     MEGATRON_DIR,
     CheckpointRef,
-    fsync_dir,
     fsync_file,
     is_megatron_checkpoint,
     resolve_checkpoint,
-    scratch_path,
-    stale_scratch,
     write_text_synced,
 )
 from hebtron.errors import CheckpointError
@@ -61,7 +53,6 @@ from hebtron.model.config import HybridConfig
 
 log = logging.getLogger(__name__)
 
-MARKER = "hebtron_export.json"  # in a cached conversion: which converter wrote it
 CONVERTER_VERSION = 1
 INDEX_NAME = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -69,62 +60,6 @@ _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
 # ----------------------------------------------------------------------------- reading
-class _Placeholder:
-    """Stands in for the empty marker classes old Megatron checkpoints pickle (never used)."""
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-
-_DCP = "torch.distributed.checkpoint."
-_ALLOWED = {
-    _DCP + "metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-                        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
-    _DCP + "filesystem": {"_StorageInfo"},
-    _DCP + "planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData",
-                       "LoadPlan", "ReadItem", "LoadItemType"},
-    "torch": {"Size"},
-    "torch.serialization": {"_get_layout"},
-    "collections": {"OrderedDict"},
-    "builtins": {"set", "frozenset"},
-}
-_PLACEHOLDERS = {("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"),
-                 ("megatron.core.dist_checkpointing.strategies.torch", "MCoreSavePlan")}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds only the classes a distributed checkpoint's ``.metadata`` is made of."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _PLACEHOLDERS:
-            return _Placeholder
-        value = getattr(torch, name, None) if module == "torch" else None
-        if isinstance(value, torch.dtype | torch.layout | torch.memory_format):
-            return value
-        if name in _ALLOWED.get(module, ()):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
-def read_metadata(directory: Path) -> Any:
-    """The ``Metadata`` of a distributed checkpoint, unpickled through the allow-list."""
-    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-
-    path = directory / ".metadata"
-    try:
-        with open(path, "rb") as fh:
-            metadata = _MetadataUnpickler(fh).load()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (not a torch_dist Megatron checkpoint?)") from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
-        raise CheckpointError(f"{path}: not a distributed-checkpoint metadata file ({err})") from None
-    if not isinstance(metadata, Metadata):
-        raise CheckpointError(f"{path}: not a distributed-checkpoint metadata file ({type(metadata).__name__})")
-    if getattr(metadata, "storage_meta", None) is None:
-        metadata.storage_meta = StorageMeta()
-    return metadata
-
-
 class DistCheckpointReader:
     """The model tensors of a Megatron distributed checkpoint, read whole, a few at a time."""
 
@@ -354,18 +289,6 @@ def _write_export(source: MegatronSource, tmp: Path, dtype: str | None, strict_t
             fsync_file(f)
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``, replacing an older ``final`` (moved aside first, then deleted)."""
-    old = None
-    if final.exists():
-        old = scratch_path(final.parent, final.name, "trash")
-        final.rename(old)
-    tmp.rename(final)  # a directory created under ``final`` meanwhile makes this fail: never merged
-    fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_megatron(checkpoint: str | Path, out: str | Path, dtype: str | None = None,
                     model_config: str | Path | None = None) -> Path:
     """Write HF directory ``out`` (replaced atomically) from a Megatron checkpoint (see :func:`locate`)."""
@@ -379,64 +302,14 @@ def export_megatron(checkpoint: str | Path, out: str | Path, dtype: str | None =
     tmp.mkdir()
     try:
         _write_export(source, tmp, dtype)
-        _publish(tmp, out)
+        publish_directory(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 # ----------------------------------------------------------------------------- the cache
-def _cache_valid(directory: Path) -> bool:
-    try:
-        return json.loads((directory / MARKER).read_text(encoding="utf-8")).get("converter") == CONVERTER_VERSION
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (created); where the filesystem has no locks, none: the
-    atomic rename alone keeps the result whole (callers may then convert twice)."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise CheckpointError(f"{path.parent}: cannot write the HF conversion beside the checkpoint ({err.strerror}); "
-                              "export it elsewhere with `hebtron export CHECKPOINT --hf DIR` and use DIR") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            log.warning("%s: no file locks on this filesystem; concurrent conversions may repeat work", path)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def cached_hf_dir(ref: CheckpointRef) -> Path:
     """``step_N/hf``: the HF conversion of Megatron checkpoint ``ref``, made on first use (see module doc)."""
-    step_dir = ref.path
-    final = step_dir / HF_CACHE_DIR
-    if _cache_valid(final):
-        return final
-    with _locked(step_dir / f"{HF_CACHE_DIR}.lock"):
-        if _cache_valid(final):  # another process converted while we waited
-            return final
-        for leftover in stale_scratch(step_dir):  # conversions on this host whose process died
-            shutil.rmtree(leftover, ignore_errors=True)
-        tmp = scratch_path(step_dir, HF_CACHE_DIR, "tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        print(f"converting Megatron checkpoint {step_dir} to Hugging Face format in {final} (once)",
-              file=sys.stderr, flush=True)  # stderr: stdout may be a command's JSON
-        tmp.mkdir()
-        try:
-            _write_export(locate(step_dir), tmp, None, strict_tokenizer=False)
-            write_text_synced(tmp / MARKER, json.dumps({"converter": CONVERTER_VERSION, "step": ref.step,
-                                                        "source": str(step_dir / MEGATRON_DIR)}))
-            if not _cache_valid(final):  # without working locks another process may have won the race
-                _publish(tmp, final)
-        except OSError as err:
-            if not _cache_valid(final):
-                raise CheckpointError(f"{final}: cannot write the HF conversion ({err.strerror or err})") from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return cached_conversion(ref, f"megatron-{CONVERTER_VERSION}", "Megatron",
+                             lambda tmp: _write_export(locate(ref.path), tmp, None, strict_tokenizer=False))

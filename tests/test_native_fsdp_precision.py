@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.train_fixtures import run_two_ranks
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # torchrun ranks
 
@@ -98,9 +100,7 @@ def test_sharded_accumulation_and_bf16_compute_over_fp32_master_weights(tmp_path
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.json"), str(REPO), "1"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                          str(script), str(tmp_path / "two.json"), str(REPO), "2"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    two = run_two_ranks(script, str(tmp_path / "two.json"), str(REPO), "2")
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
 

@@ -109,8 +109,20 @@ def _gpu_memory(args: argparse.Namespace) -> tuple[float | None, str | None, str
 
 def _preflight_memory(args: argparse.Namespace) -> int:
     from hebtron.backends.megatron.memory import DEFAULT_RESERVE_GB, Options, memory_report, parse_recompute
+    from hebtron.recipe import load_recipe
 
     capacity, gpu, source = _gpu_memory(args)
+    if load_recipe(args.recipe, args.overrides, check_paths=False).backend == "native":
+        from hebtron.backends.native_memory import native_memory_report
+
+        if args.kernels != "auto" or args.recompute != "none" or args.moe_imbalance != 1.0:
+            raise UserError("preflight --memory: --kernels, --recompute and --moe-imbalance are Megatron what-ifs; "
+                            "a native recipe sets train.activation_checkpointing and train.sharded_accumulation")
+        report = native_memory_report(args.recipe, args.overrides, model_config=args.model_config, gpus=args.gpus,
+                                      capacity_gb=capacity, gpu=gpu, gpu_source=source,
+                                      reserve_gb=DEFAULT_RESERVE_GB if args.reserve_gb is None else args.reserve_gb)
+        print(json.dumps(report.to_json()) if args.json else report.table())
+        return 1 if report.fits is False else 0
     options = Options(kernels=args.kernels, recompute=parse_recompute(args.recompute),
                       moe_imbalance=args.moe_imbalance,
                       reserve_gb=DEFAULT_RESERVE_GB if args.reserve_gb is None else args.reserve_gb)

@@ -28,7 +28,7 @@ The activation bytes ``a_k`` are measured, not guessed: :func:`measure_layer` bu
 hebtron's native model at the real width and runs a forward under ``FakeTensorMode`` (no memory,
 no compute), summing the bytes of the distinct storages autograd saves for backward (parameters
 excluded). On real tensors the same function gives the same figure (tested), so the fake
-measurement is exact for the code it runs. Two kernel sets:
+measurement is exact for the code it runs. Three kernel sets:
 
 - ``reference``: hebtron's PyTorch layers as they run on CPU (chunked SSD scan, fp32 norms);
 - ``megatron-gpu``: the GPU kernels Megatron-Core runs, by stand-ins that compute the same function
@@ -39,6 +39,10 @@ measurement is exact for the code it runs. Two kernel sets:
   they keep the expert input, the squared-ReLU input and output and the weighted fc2 input.
   Attention is already flash-style on CPU (q, k, v, output, log-sum-exp). Still the reference: the
   router's fp32 copy of its input (Megatron's fp32 router GEMM keeps the bf16 one).
+- ``native-gpu``: what the native backend runs on CUDA: mamba-ssm's ``mamba_chunk_scan_combined``
+  keeps its inputs and output, causal-conv1d keeps its inputs; norms, attention and the
+  grouped-GEMM experts as on CPU; the head + loss chunk by chunk (the hidden states and one
+  log-sum-exp per token, no logits).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
+from hebtron.kernels.chunked_ce import chunked_linear_cross_entropy
 from hebtron.model import mamba2
 from hebtron.model.config import HybridConfig
 from hebtron.model.decoder import Block
@@ -70,7 +75,7 @@ GB = 1e9  # decimal gigabytes, as GPU memory is quoted (H200: 141 GB)
 # are described as about 139 GiB (149 GB), so a verdict against 141 GB is conservative by ~5%.
 GPU_MEMORY_GB: dict[str, float] = {"h100": 80.0, "h200": 141.0, "b200": 180.0, "b300": 288.0}
 
-KERNELS = ("megatron-gpu", "reference")
+KERNELS = ("megatron-gpu", "reference", "native-gpu")
 LAYER_KINDS = ("mamba", "attention", "mlp", "moe")
 
 
@@ -398,6 +403,31 @@ def megatron_gpu_kernels(block: Block) -> Iterator[None]:
             block.mixer.norm.forward = gated_forward
 
 
+@contextlib.contextmanager
+def native_gpu_kernels(block: Block) -> Iterator[None]:
+    """Swap ``block``'s SSD scan and conv1d for stand-ins that keep what the native backend's GPU
+    kernels keep: mamba-ssm's ``mamba_chunk_scan_combined`` its inputs and output, causal-conv1d's
+    kernel its inputs (the output is recomputed in its backward). Norms, attention (flash-style)
+    and the grouped-GEMM experts run on GPU as they do here."""
+    if not isinstance(block.mixer, mamba2.Mamba2Mixer):
+        yield
+        return
+    scan, conv = mamba2.ssd_chunk_scan, mamba2.causal_conv1d
+
+    def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
+            **kwargs: Any) -> torch.Tensor:
+        extra = (kwargs["seq_idx"],) if kwargs.get("seq_idx") is not None else ()
+        return held(lambda x_, dt_, A_, B_, C_, *_: scan(x_, dt_, A_, B_, C_, chunk_size, **kwargs),
+                    x, dt, A, B, C, *extra, hold=lambda ins, out: (out,))
+
+    def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        extra = (kwargs["seq_idx"],) if kwargs.get("seq_idx") is not None else ()
+        return held(lambda x_, w_, *_: conv(x_, w_, bias, **kwargs), x, weight, *extra)
+
+    with _patched(mamba2, "ssd_chunk_scan", ssd), _patched(mamba2, "causal_conv1d", conv1d):
+        yield
+
+
 def grouped_mlp(experts: Experts, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
                 tokens_per_expert: torch.Tensor) -> torch.Tensor:
     """The routed experts in Megatron-Core's order of operations (alltoall dispatcher, TEGroupedMLP,
@@ -596,7 +626,8 @@ def measure_layer(
         gen = None if fake else torch.Generator().manual_seed(1)
         x = torch.randn(batch, seq_len, cfg.hidden_size, generator=gen).to(dtype).requires_grad_(True)
         handles = counter.watch(block)
-        kernel_set = megatron_gpu_kernels(block) if kernels == "megatron-gpu" else contextlib.nullcontext()
+        kernel_set = {"megatron-gpu": megatron_gpu_kernels, "native-gpu": native_gpu_kernels}.get(
+            kernels, lambda _: contextlib.nullcontext())(block)
         try:
             with kernel_set, torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
                 # Attention gets no document layout: on GPU the flash / varlen / TE THD kernels keep
@@ -617,14 +648,18 @@ def measure_layer(
 
 
 class _Head(nn.Module):
-    """Final norm, output layer and the token loss, as the native model and loss compute them."""
+    """Final norm, output layer and the token loss: ``chunked`` as the native trainer computes it
+    (head + cross-entropy chunk by chunk, no full logits), else the full fp32 logits."""
 
-    def __init__(self, cfg: HybridConfig) -> None:
+    def __init__(self, cfg: HybridConfig, chunked: bool = False) -> None:
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.chunked = chunked
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        if self.chunked:
+            return chunked_linear_cross_entropy(self.norm(hidden), self.lm_head.weight, labels, loss_mask)
         return token_loss_sum(self.lm_head(self.norm(hidden)).float(), labels, loss_mask)
 
 
@@ -633,7 +668,7 @@ def measure_head(cfg: HybridConfig, batch: int, seq_len: int, *, dtype: torch.dt
     """Saved bytes of the final norm, the output layer and the cross-entropy (fp32 log-softmax)."""
     with _mode(fake):
         with _default_dtype(dtype):
-            head = _Head(cfg)
+            head = _Head(cfg, chunked=kernels == "native-gpu")
         if not fake:
             _init(head)
         counter = _SavedBytes(_storages(head))

@@ -109,6 +109,7 @@ def _gpu_memory(args: argparse.Namespace) -> tuple[float | None, str | None, str
 
 def _preflight_memory(args: argparse.Namespace) -> int:
     from hebtron.backends.megatron.memory import DEFAULT_RESERVE_GB, Options, memory_report, parse_recompute
+    from hebtron.errors import UserError
     from hebtron.recipe import load_recipe
 
     capacity, gpu, source = _gpu_memory(args)

@@ -7,10 +7,49 @@ kernel runs (it takes ``seq_idx`` natively); without it a CUDA run stops with on
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from hebtron.kernels.dispatch import CAUSAL_CONV1D, gpu_kernel
+
+
+class _TimeMajorConv(torch.autograd.Function):
+    """The depthwise causal conv as K shifted multiply-adds over (batch, time, channels), with
+    its backward written out. The mixer passes a transposed view of its (batch, time, channels)
+    projection, so this layout is the contiguous one: every op streams memory, and the hand
+    backward runs about half the elementwise passes autograd would over the shifted copies.
+    ``same[s - 1]`` (batch, time) is 1 where token t - s belongs to t's document (None: one
+    document per row)."""
+
+    @staticmethod
+    def forward(ctx: Any, xt: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                same: torch.Tensor | None) -> torch.Tensor:
+        kernel, time = weight.shape[-1], xt.shape[1]
+        out = xt * weight[:, kernel - 1]
+        for shift in range(1, min(kernel, time)):
+            shifted = xt[:, :-shift] if same is None else xt[:, :-shift] * same[shift - 1, :, shift:, None]
+            out[:, shift:].addcmul_(shifted, weight[:, kernel - 1 - shift])
+        if bias is not None:
+            out += bias
+        ctx.save_for_backward(xt, weight, same)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xt, weight, same = ctx.saved_tensors
+        kernel, time = weight.shape[-1], xt.shape[1]
+        grad_x = grad * weight[:, kernel - 1]
+        grad_w = torch.zeros_like(weight)
+        grad_w[:, kernel - 1] = (grad * xt).sum((0, 1))
+        for shift in range(1, min(kernel, time)):
+            g = grad[:, shift:] if same is None else grad[:, shift:] * same[shift - 1, :, shift:, None]
+            grad_x[:, :-shift].addcmul_(g, weight[:, kernel - 1 - shift])
+            grad_w[:, kernel - 1 - shift] = (g * xt[:, :-shift]).sum((0, 1))
+        grad_b = grad.sum((0, 1)) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None
 
 
 def causal_conv1d_ref(
@@ -26,19 +65,13 @@ def causal_conv1d_ref(
     seq_idx: (batch, time) document index per token, or None for one document per row.
     Output[t] = sum_k weight[:, k] * x[t - (K-1) + k], counting only inputs of t's document.
     """
-    _, channels, time = x.shape
-    kernel = weight.shape[-1]
-    if seq_idx is None:
-        out = F.conv1d(x, weight.unsqueeze(1), bias, padding=kernel - 1, groups=channels)[..., :time]
-    else:
-        # Sum of K shifted copies; a shift by s contributes only where seq_idx[t - s] == seq_idx[t].
-        out = x * weight[:, kernel - 1, None]
-        for shift in range(1, min(kernel, time)):
-            same_doc = (seq_idx[:, shift:] == seq_idx[:, :-shift]).unsqueeze(1).to(x.dtype)
-            contrib = x[..., :-shift] * weight[:, kernel - 1 - shift, None] * same_doc
-            out = out + F.pad(contrib, (shift, 0))
-        if bias is not None:
-            out = out + bias[:, None]
+    kernel, time = weight.shape[-1], x.shape[-1]
+    same = None
+    if seq_idx is not None:  # same[s - 1][b, t]: token t - s is in t's document
+        same = torch.stack([torch.cat([torch.zeros_like(seq_idx[:, :shift], dtype=torch.bool),
+                                       seq_idx[:, shift:] == seq_idx[:, :-shift]], dim=1)
+                            for shift in range(1, kernel)]).to(x.dtype) if kernel > 1 else None
+    out = _TimeMajorConv.apply(x.transpose(1, 2), weight, bias, same).transpose(1, 2)
     if activation in ("silu", "swish"):
         out = F.silu(out)
     elif activation is not None:

@@ -69,3 +69,14 @@ def test_conv_restarts_at_documents(kernel: int):
         start += length
     unpacked = causal_conv1d_ref(x, w, bias)
     assert not torch.allclose(got, unpacked)  # the boundary really matters here
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["one-doc", "packed"])
+def test_conv_hand_written_backward_passes_gradcheck(packed: bool):
+    """The reference's backward is written out (kernels/causal_conv1d.py): check it numerically."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 11, generator=gen, dtype=torch.float64).requires_grad_(True)
+    w = torch.randn(5, 4, generator=gen, dtype=torch.float64).requires_grad_(True)
+    bias = torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_(True)
+    seq_idx = _segments([4, 1, 6])[None].expand(2, 11) if packed else None
+    assert torch.autograd.gradcheck(lambda a, b, c: causal_conv1d_ref(a, b, c, seq_idx=seq_idx), (x, w, bias))

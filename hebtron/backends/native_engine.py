@@ -25,7 +25,7 @@ from hebtron.model.hf import hf_tensors_from_state, load_hf_state_dict
 from hebtron.model.implementations import implementations
 from hebtron.recipe import Recipe
 from hebtron.train.checkpoint import load_checkpoint, save_checkpoint
-from hebtron.train.engine import MODEL_INPUTS, StepPlan, StepResult
+from hebtron.train.engine import MODEL_INPUTS, StepPlan, StepResult, to_device
 from hebtron.train.loss import LOSS_IMPLEMENTATION, token_loss_sum_from_hidden
 from hebtron.train.moe_step import MoEStep
 from hebtron.train.optim import build_adamw, clip_grad_norm
@@ -49,8 +49,9 @@ def accumulate_gradients(
     scale = backend.loss_scale / max(global_loss_tokens, 1)
     if moe is not None:
         moe.begin(micro_batches)
-    for i, micro in enumerate(micro_batches):
-        micro = {k: v.to(backend.device) for k, v in micro.items()}
+    for i, host_micro in enumerate(micro_batches):
+        micro_tokens = float(host_micro["loss_mask"].double().sum()) if noise is not None and noise.active else 0.0
+        micro = to_device(host_micro, backend.device)
         with backend.autocast(precision):
             output = model(**{k: micro[k] for k in MODEL_INPUTS if k in micro}, return_hidden=True)
             # head + loss chunk by chunk: no (b, T, vocab) logits (the head weight is unsharded
@@ -67,7 +68,7 @@ def accumulate_gradients(
         with backend.gradient_sync(model, enabled=i == len(micro_batches) - 1):
             loss.backward()
         if noise is not None:
-            noise.after_backward(i, len(micro_batches), float(micro["loss_mask"].double().sum()) if noise.active else 0.0)
+            noise.after_backward(i, len(micro_batches), micro_tokens)
         total += loss_sum.detach().double()
     return total
 
@@ -140,9 +141,9 @@ class NativeEngine:
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.ops.device)
         for batch in batches:
-            batch = {k: v.to(self.ops.device) for k, v in batch.items() if k != "cu_seqlens"}
+            batch = to_device({k: v for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")}, self.ops.device)
             with self.ops.autocast(self.recipe.train.precision):
-                hidden = self.model(**{k: batch[k] for k in MODEL_INPUTS}, return_hidden=True).hidden
+                hidden = self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, return_hidden=True).hidden
                 total[0] += token_loss_sum_from_hidden(
                     hidden, self.model.lm_head.weight, batch["labels"], batch["loss_mask"]
                 ).double()

@@ -164,6 +164,12 @@ def _document_index(
         return None
     if seq_idx.shape != input_ids.shape:
         raise ValueError(f"seq_idx shape {tuple(seq_idx.shape)} != input_ids shape {tuple(input_ids.shape)}")
-    if bool((seq_idx == seq_idx[:, :1]).all()):
+    # On a device this check would wait for the device's answer: the trainer drops the seq_idx of
+    # one-document micro-batches while they are still on the host (hebtron.train.engine.to_device).
+    if _on_host(seq_idx) and bool((seq_idx == seq_idx[:, :1]).all()):
         return None
     return seq_idx
+
+
+def _on_host(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"

@@ -115,6 +115,23 @@ class TrainEngine(Protocol):
 MODEL_INPUTS = ("input_ids", "position_ids", "seq_idx")
 
 
+def to_device(micro: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A host micro-batch on ``device``, deciding on the host what would otherwise make the model
+    wait for the device: rows that are all one document lose ``seq_idx`` / ``position_ids`` (the
+    model then takes causal SDPA, its fastest path). On CUDA the copies are pinned and
+    non-blocking, so the host queues the step without waiting for them."""
+    host = dict(micro)
+    seq_idx = host.get("seq_idx")
+    if seq_idx is None and host.get("position_ids") is not None:
+        seq_idx = (host["position_ids"] == 0).long().cumsum(dim=-1)
+    if seq_idx is not None and bool((seq_idx == seq_idx[:, :1]).all()):
+        host.pop("seq_idx", None)
+        host.pop("position_ids", None)
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in host.items()}
+    return {k: v.to(device) for k, v in host.items()}
+
+
 def split_rows(batch: Mapping[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
     """Rows ``start:stop`` of every per-token field (``cu_seqlens`` / ``max_seqlen`` describe the
     whole batch and are rebuilt by consumers)."""

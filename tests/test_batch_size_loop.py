@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from hebtron.recipe import load_recipe
 from hebtron.backends.engines import make_trainer
@@ -22,56 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def fixture_dir(tmp_path_factory) -> Path:
     return build_training_fixture(tmp_path_factory.mktemp("bs-fixture"))
-
-
-PROBE_SCRIPT = r"""
-import json, math, sys, torch
-sys.path.insert(0, sys.argv[2])
-from hebtron.backends.native import NativeBackend
-from hebtron.model import HybridConfig, HybridModel
-from hebtron.backends.native_engine import accumulate_gradients
-from hebtron.train.engine import split_rows
-from hebtron.backends.native_noise import GradientNoiseProbe
-from hebtron.train.optim import clip_grad_norm
-from tests.conftest import TINY_CONFIGS
-from tests.test_train_loop import _varied_batch
-world = int(sys.argv[3])
-torch.manual_seed(0)
-model = HybridModel(HybridConfig(**TINY_CONFIGS["all-types-grouped"]))
-batch = _varied_batch(model.config.vocab_size)
-tokens = float(batch["loss_mask"].sum())
-backend = NativeBackend(world)
-model = backend.wrap(model)
-probe = GradientNoiseProbe(model, backend)
-rows = 8 // world
-first = backend.rank * rows
-micro = [split_rows(batch, s, s + 4) for s in range(first, first + rows, 4)]  # 2 x 4 rows, or 1 x 4 per rank
-probe.begin_step(True)
-accumulate_gradients(model, micro, tokens, backend, noise=probe)
-norm = clip_grad_norm(model.parameters(), math.inf)
-m = probe.measurement(tokens, norm)
-if backend.rank == 0:
-    open(sys.argv[1], "w").write(json.dumps(m.__dict__))
-backend.close()
-"""
-
-
-@pytest.mark.slow
-def test_two_ranks_measure_the_same_noise_as_one(tmp_path):
-    script = tmp_path / "probe.py"
-    script.write_text(PROBE_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.json"), str(REPO), "1"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                          str(script), str(tmp_path / "two.json"), str(REPO), "2"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
-    for key in ("g_small_sq", "g_big_sq", "b_small", "b_big"):
-        assert b[key] == pytest.approx(a[key], rel=1e-4), key
-    assert a["g_small_sq"] > a["g_big_sq"] > 0  # a smaller batch has a noisier gradient
 
 
 def _adaptive(fixture_dir: Path, run: Path) -> Path:

@@ -1,5 +1,8 @@
-"""FSDP2 on 2 gloo ranks against one process, for the native backend's precision and memory
-controls:
+"""FSDP2 on 2 gloo ranks against one process, for the native backend's noise probe, precision
+and memory controls:
+
+- by default each rank's gradient is one unit of the noise probe (read at the reduce-scatter),
+  and 2 ranks measure what one process measures over the same two 4-row micro-batches;
 
 - sharded gradient accumulation (a reduce-scatter after every micro-batch) gives the gradients
   of the default (one reduce-scatter per step), and the noise probe still measures: its units
@@ -55,7 +58,7 @@ torch.manual_seed(0)
 model = backend.wrap(HybridModel(config))
 probe = GradientNoiseProbe(model, backend)
 
-def measured_step():
+def measured_step(micro=micro):
     probe.begin_step(True)
     accumulate_gradients(model, micro, tokens, backend, noise=probe)
     m = probe.measurement(tokens, clip_grad_norm(model.parameters(), math.inf))
@@ -64,6 +67,8 @@ def measured_step():
     return m.__dict__, grads
 
 out["default"], default_grads = measured_step()
+if world == 1:  # the units of 2 ranks by default: 2 x 4 rows
+    out["rank units"], _ = measured_step([split_rows(batch, s, s + 4) for s in (0, 4)])
 backend.sharded_accumulation = backend.sharded
 out["sharded"], sharded_grads = measured_step()
 out["grad_max_rel_diff"] = max(float((sharded_grads[n] - g).norm() / g.norm().clamp_min(1e-30))
@@ -104,6 +109,9 @@ def test_sharded_accumulation_and_bf16_compute_over_fp32_master_weights(tmp_path
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
 
+    for key in ("g_small_sq", "g_big_sq", "b_small", "b_big"):  # the same estimate whatever the number of ranks
+        assert b["default"][key] == pytest.approx(a["rank units"][key], rel=1e-4), key
+    assert a["default"]["g_small_sq"] > a["default"]["g_big_sq"] > 0  # a smaller batch has a noisier gradient
     assert b["grad_max_rel_diff"] < 1e-5, b["grad_max_rel_diff"]
     for key in ("g_small_sq", "g_big_sq", "b_small", "b_big"):  # 4 micro-batch units, as one process
         assert b["sharded"][key] == pytest.approx(a["default"][key], rel=1e-4), key

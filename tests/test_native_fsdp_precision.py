@@ -1,6 +1,7 @@
 """FSDP2 on 2 gloo ranks against one process, for the native backend's noise probe, precision
 and memory controls:
 
+- 2 ranks give one process's gradients (the loss divided by the global count of loss tokens);
 - by default each rank's gradient is one unit of the noise probe (read at the reduce-scatter),
   and 2 ranks measure what one process measures over the same two 4-row micro-batches;
 
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.train_fixtures import run_two_ranks
 
@@ -67,6 +69,9 @@ def measured_step(micro=micro):
     return m.__dict__, grads
 
 out["default"], default_grads = measured_step()
+if backend.rank == 0:
+    from safetensors.torch import save_file
+    save_file({n: g.contiguous() for n, g in default_grads.items()}, sys.argv[1] + ".grads")
 if world == 1:  # the units of 2 ranks by default: 2 x 4 rows
     out["rank units"], _ = measured_step([split_rows(batch, s, s + 4) for s in (0, 4)])
 backend.sharded_accumulation = backend.sharded
@@ -112,6 +117,12 @@ def test_sharded_accumulation_and_bf16_compute_over_fp32_master_weights(tmp_path
     for key in ("g_small_sq", "g_big_sq", "b_small", "b_big"):  # the same estimate whatever the number of ranks
         assert b["default"][key] == pytest.approx(a["rank units"][key], rel=1e-4), key
     assert a["default"]["g_small_sq"] > a["default"]["g_big_sq"] > 0  # a smaller batch has a noisier gradient
+    from safetensors.torch import load_file
+
+    one_grads, two_grads = load_file(str(tmp_path / "one.json.grads")), load_file(str(tmp_path / "two.json.grads"))
+    assert one_grads.keys() == two_grads.keys()
+    for name, grad in one_grads.items():  # 2 FSDP ranks x 2 micro-batches: one process's gradient
+        torch.testing.assert_close(two_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
     assert b["grad_max_rel_diff"] < 1e-5, b["grad_max_rel_diff"]
     for key in ("g_small_sq", "g_big_sq", "b_small", "b_big"):  # 4 micro-batch units, as one process
         assert b["sharded"][key] == pytest.approx(a["default"][key], rel=1e-4), key

@@ -210,7 +210,8 @@ def test_megatron_saves_at_the_stop_step_when_every_process_gets_sigterm(fixture
 def test_native_fsdp_saves_at_the_stop_step_when_every_process_gets_sigterm(fixture_dir, tmp_path):
     run_dir = tmp_path / "run"
     recipe = write_recipe(fixture_dir, run_dir, **ENDLESS)
-    overrides = _retarget(["parallel.dp=2", f"checkpoint.interval={INTERVAL}"], run_dir)
+    # keep_last 0: the stop step's checkpoint stays for the checks after the resume
+    overrides = _retarget(["parallel.dp=2", f"checkpoint.interval={INTERVAL}", "checkpoint.keep_last=0"], run_dir)
 
     first = Run(recipe, run_dir, overrides, tmp_path / "logs1")
     first.start_ranks()

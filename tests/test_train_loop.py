@@ -129,61 +129,6 @@ def test_accumulation_split_does_not_change_gradients():
     assert not torch.allclose(wrong, grads[8]["backbone.embeddings.weight"], rtol=1e-3, atol=1e-6)
 
 
-DP_SCRIPT = r"""
-import sys, torch
-sys.path.insert(0, sys.argv[2])
-from safetensors.torch import save_file
-from hebtron.backends.native import NativeBackend
-from hebtron.model import HybridConfig, HybridModel
-from hebtron.backends.native_engine import accumulate_gradients
-from hebtron.train.engine import split_rows
-from tests.conftest import TINY_CONFIGS
-from tests.test_train_loop import _varied_batch
-torch.manual_seed(0)
-model = HybridModel(HybridConfig(**TINY_CONFIGS["all-types-grouped"]))
-batch = _varied_batch(model.config.vocab_size)
-tokens = int(batch["loss_mask"].sum())
-backend = NativeBackend(2)
-model = backend.wrap(model)
-rows = 8 // backend.world_size
-first = backend.rank * rows
-accumulate_gradients(model, [split_rows(batch, s, s + 2) for s in range(first, first + rows, 2)], tokens, backend)
-grads = {n: p.grad.full_tensor().contiguous() for n, p in model.named_parameters() if p.grad is not None}
-if backend.rank == 0:
-    save_file(grads, sys.argv[1])
-backend.close()
-"""
-
-
-@pytest.mark.slow
-def test_two_ranks_match_one_rank(tmp_path):
-    from hebtron.backends.native import NativeBackend
-    from hebtron.model import HybridConfig, HybridModel
-    from hebtron.backends.native_engine import accumulate_gradients
-    from hebtron.train.engine import split_rows
-    from tests.conftest import TINY_CONFIGS
-    from safetensors.torch import load_file
-
-    script = tmp_path / "dp.py"
-    script.write_text(DP_SCRIPT)
-    out = tmp_path / "grads.safetensors"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-         str(script), str(out), str(REPO)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    torch.manual_seed(0)
-    model = HybridModel(HybridConfig(**TINY_CONFIGS["all-types-grouped"]))
-    batch = _varied_batch(model.config.vocab_size)
-    accumulate_gradients(model, [split_rows(batch, 0, 8)], int(batch["loss_mask"].sum()), NativeBackend(1))
-    two_ranks = load_file(out)
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(two_ranks[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
-
-
 @pytest.mark.slow
 def test_early_kill_stops_a_diverging_run(fixture_dir, tmp_path):
     recipe = write_recipe(fixture_dir, tmp_path / "doomed")

@@ -63,18 +63,13 @@ class NativeMemoryReport:
         return self.breakdown.fits
 
     def verdict(self) -> str:
-        b = self.breakdown
-        if b.capacity is None:
-            return f"needs {b.total / mm.GB:.1f} GB per GPU (no GPU memory given: --gpu-memory or --profile)"
-        if b.fits:
-            return f"fits: {b.total / mm.GB:.1f} GB of {b.capacity / mm.GB:.0f} GB, {b.headroom / mm.GB:.1f} GB headroom"
         hints = []
         if not self.sharded_accumulation and self.micro_batches > 1:
             hints.append("train.sharded_accumulation: true")
         if self.activation_checkpointing != "full":
             hints.append("train.activation_checkpointing: full")
         hints.append("more dp ranks, a smaller micro_batch, or backend: megatron (tensor / expert parallelism)")
-        return f"does not fit: needs {b.total / mm.GB:.1f} GB of {b.capacity / mm.GB:.0f} GB; try {'; '.join(hints)}"
+        return self.breakdown.verdict(f"try {'; '.join(hints)}")
 
     def table(self) -> str:
         m = self.measures
@@ -89,11 +84,8 @@ class NativeMemoryReport:
             f"  measured per layer on one device (KB per token, FakeTensorMode, {m.wall_s:.1f}s): {per}; "
             f"head + chunked loss {m.head / (m.batch * m.seq_len) / 1e3:.1f}",
             self.breakdown.table(),
+            *self.breakdown.gpu_lines(self.gpu, self.gpu_source),
         ]
-        if self.breakdown.capacity is not None:
-            name = f"{self.gpu} " if self.gpu else ""
-            lines.append(f"  GPU: {name}{self.breakdown.capacity / mm.GB:.0f} GB ({self.gpu_source}); "
-                         f"headroom {self.breakdown.headroom / mm.GB:.1f} GB")
         lines.append(f"  {self.verdict()}")
         return "\n".join(lines)
 
@@ -145,14 +137,9 @@ def native_plan(cfg: HybridConfig, *, dp: int, micro_batch: int, micro_batches: 
 def native_memory_report(recipe_path: str | Path, overrides: list[str] | None = None, *,
                          model_config: Path | None = None, gpus: int | None = None, capacity_gb: float | None = None,
                          gpu: str | None = None, gpu_source: str = "", reserve_gb: float = 4.0) -> NativeMemoryReport:
-    from hebtron.recipe import load_recipe
-
     started = time.perf_counter()
     recipe_path = Path(recipe_path)
-    where = str(recipe_path)
-    recipe = load_recipe(recipe_path, overrides or [], check_paths=False)
-    if recipe.backend != "native":
-        raise UserError(f"{where}: backend: expected native here, got {recipe.backend}")
+    recipe, where = mm.recipe_for(recipe_path, overrides, "native")
     train = recipe.train
     dp = recipe.parallel.dp
     if gpus is not None and gpus != dp:

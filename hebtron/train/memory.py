@@ -155,6 +155,19 @@ def active_parameters(cfg: HybridConfig, input_embedding: bool = True) -> int:
     return active if input_embedding else active - embedding_parameters(cfg)
 
 
+def recipe_for(recipe_path: Any, overrides: list[str] | None, backend: str) -> tuple[Any, str]:
+    """The recipe ``preflight --memory`` models (input paths unchecked: a laptop has no cluster
+    data) and its name for messages; one line if it is for another backend."""
+    from hebtron.errors import UserError
+    from hebtron.recipe import load_recipe
+
+    where = str(recipe_path)
+    recipe = load_recipe(recipe_path, overrides or [], check_paths=False)
+    if recipe.backend != backend:
+        raise UserError(f"{where}: backend: this memory model is for backend {backend}; got backend: {recipe.backend}")
+    return recipe, where
+
+
 # ----------------------------------------------------------------------------- the neutral model
 @dataclass(frozen=True)
 class ParamGroup:
@@ -230,6 +243,21 @@ class Breakdown:
     @property
     def fits(self) -> bool | None:
         return None if self.capacity is None else self.total <= self.capacity
+
+    def verdict(self, advice: str) -> str:
+        """One line: the need without a capacity, the headroom when it fits, else ``advice``."""
+        if self.capacity is None:
+            return f"needs {self.total / GB:.1f} GB per GPU (no GPU memory given: --gpu-memory or --profile)"
+        if self.fits:
+            return f"fits: {self.total / GB:.1f} GB of {self.capacity / GB:.0f} GB, {self.headroom / GB:.1f} GB headroom"
+        return f"does not fit: needs {self.total / GB:.1f} GB of {self.capacity / GB:.0f} GB; {advice}"
+
+    def gpu_lines(self, gpu: str | None, source: str) -> list[str]:
+        """The GPU the breakdown is judged against, for the table (none without a capacity)."""
+        if self.capacity is None:
+            return []
+        name = f"{gpu} " if gpu else ""
+        return [f"  GPU: {name}{self.capacity / GB:.0f} GB ({source}); headroom {self.headroom / GB:.1f} GB"]
 
     def row(self, component: str) -> float:
         return sum(r.bytes for r in self.rows if r.component == component)

@@ -131,14 +131,8 @@ class MemoryReport:
         return self.breakdown.fits
 
     def verdict(self) -> str:
-        b = self.breakdown
-        if b.capacity is None:
-            return f"needs {b.total / mm.GB:.1f} GB per GPU (no GPU memory given: --gpu-memory or --profile)"
-        if b.fits:
-            return (f"fits: {b.total / mm.GB:.1f} GB of {b.capacity / mm.GB:.0f} GB, "
-                    f"{b.headroom / mm.GB:.1f} GB headroom")
-        what = "; ".join(self.advice) or "no single change of micro_batch, ep, tp, pp or recompute fits: use more GPUs"
-        return f"does not fit: needs {b.total / mm.GB:.1f} GB of {b.capacity / mm.GB:.0f} GB; {what}"
+        return self.breakdown.verdict(
+            "; ".join(self.advice) or "no single change of micro_batch, ep, tp, pp or recompute fits: use more GPUs")
 
     def header(self) -> list[str]:
         p, prec = self.plan, self.precision
@@ -164,11 +158,7 @@ class MemoryReport:
 
     def table(self) -> str:
         b = self.breakdown
-        lines = self.header() + [b.table()]
-        if b.capacity is not None:
-            name = f"{self.gpu} " if self.gpu else ""
-            lines.append(f"  GPU: {name}{b.capacity / mm.GB:.0f} GB ({self.gpu_source}); "
-                         f"headroom {b.headroom / mm.GB:.1f} GB")
+        lines = self.header() + [b.table()] + b.gpu_lines(self.gpu, self.gpu_source)
         lines.append(f"  {self.verdict()}")
         return "\n".join(lines)
 
@@ -377,14 +367,9 @@ def memory_report(
 ) -> MemoryReport:
     """Load the recipe, check its plan, measure its layers and predict the most loaded GPU."""
     from hebtron.backends.megatron.preflight import model_config_for
-    from hebtron.recipe import load_recipe
-
     started = time.perf_counter()
     recipe_path = Path(recipe_path)
-    where = str(recipe_path)
-    recipe = load_recipe(recipe_path, overrides or [], check_paths=False)
-    if recipe.backend != "megatron":
-        raise UserError(f"{where}: backend: preflight --memory models Megatron recipes; got backend: {recipe.backend}")
+    recipe, where = mm.recipe_for(recipe_path, overrides, "megatron")
     if options.kernels == "auto":  # hebtron's local specs on CUDA run the PyTorch layers
         kernels = "reference" if getattr(recipe.megatron, "local_spec", False) else "megatron-gpu"
         options = dataclasses.replace(options, kernels=kernels)

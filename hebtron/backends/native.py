@@ -1,9 +1,10 @@
 """The native backend: plain PyTorch on one process, or FSDP2 under torchrun.
 
 The model is written for one device; this module applies data parallelism from outside
-(``fully_shard`` per block, then the root), and gives the loop what it needs from the process
-group: rank, world size, reductions, gradient-sync control and full (unsharded) state dicts for
-checkpoints. gloo on CPU, nccl on GPU.
+(activation checkpointing, then ``fully_shard`` per block and the root, with the mixed-precision
+policy), and gives the loop what it needs from the process group: rank, world size, reductions,
+gradient-sync control, the single-process state dict, and loading a full state dict into FSDP2
+shards (a single-process checkpoint resumed on ranks). gloo on CPU, nccl on GPU.
 """
 
 from __future__ import annotations
@@ -84,21 +85,11 @@ class NativeBackend(ProcessGroupOps):
 
     # ------------------------------------------------------------------ state dicts
     def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Full state dict on CPU (on rank 0 only when sharded)."""
-        if not self.sharded:
-            return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        if not self.sharded:
-            return optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(
-            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
+        """Full state dict on CPU, for the single-process checkpoint format (FSDP2 ranks write
+        their shards instead: :mod:`hebtron.backends.native_sharded`)."""
+        if self.sharded:
+            raise RuntimeError("model_state: FSDP2 ranks save sharded checkpoints (native_sharded.save_sharded)")
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
     def load_model_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         if not self.sharded:

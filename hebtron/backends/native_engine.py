@@ -157,7 +157,7 @@ class NativeEngine:
             return save_sharded(self.model, self.optimizer, root, step, self.ops.rank, {**extra, "moe": moe_state},
                                 config_json(self.config), keep_last)
         model_state = self.ops.model_state(self.model)
-        optim_state = self.ops.optimizer_state(self.model, self.optimizer)
+        optim_state = self.optimizer.state_dict()
         moe_state = self.moe.state_dict()  # collective: every rank
         path = None
         if self.ops.is_main:

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from hebtron.train.dcp_safe import SafeLoadPlanner, safe_reader
-from hebtron.train.hf_cache import cached_conversion
 from hebtron.checkpoints import SHARDED_DIR, CheckpointRef, checkpoint_problem, fsync_file, read_trainer_state
 from hebtron.errors import CheckpointError
 from hebtron.train.checkpoint import save_collectively
+from hebtron.train.dcp_safe import SafeLoadPlanner, safe_reader
+from hebtron.train.hf_cache import cached_conversion
 
 CONVERTER = "native-dcp-1"
 
@@ -63,27 +63,17 @@ def _load(state: dict[str, Any], directory: Path) -> None:
                 from None
 
 
-def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> dict[str, Any]:
-    """Collective where a process group runs. Loads the model (and optimizer) state, resharded to
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
+    """Collective where a process group runs. Loads the model and optimizer state, resharded to
     this run's ranks; returns the trainer's ``extra`` with ``step``."""
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_state_dict,
-        set_model_state_dict,
-        set_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     problem = checkpoint_problem(path)
     if problem is not None:
         raise CheckpointError(problem)
-    if optimizer is None:
-        model_state = get_model_state_dict(model)
-        _load({"model": model_state}, path / SHARDED_DIR)
-        set_model_state_dict(model, model_state)
-    else:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        _load({"model": model_state, "optim": optim_state}, path / SHARDED_DIR)
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    _load({"model": model_state, "optim": optim_state}, path / SHARDED_DIR)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     step, extra = read_trainer_state(path)
     extra["step"] = step
     return extra
@@ -98,9 +88,7 @@ def write_hf_weights(step_dir: Path, out: Path) -> None:
 
     config = HybridConfig.from_json_file(step_dir / "config.json")
     model = HybridModel(config)
-    state = model.state_dict()
-    _load({"model": state}, step_dir / SHARDED_DIR)
-    model.load_state_dict(state)
+    _load({"model": model.state_dict()}, step_dir / SHARDED_DIR)  # in place, into the parameters
     save_hf(model, out)
     for f in out.iterdir():
         if f.is_file():

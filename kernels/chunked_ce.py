@@ -2,9 +2,10 @@
 
 At 8k context and a 131,072-token vocabulary, logits in fp32 are ~4.3 GB per row, and the plain
 path (logits, log-softmax, their gradients) peaks near four times that. Here the head and the
-loss run over ``chunk_size`` tokens at a time: forward keeps only each token's log-sum-exp, and
-backward recomputes one chunk's logits, turns them into the chunk's gradient and drops them.
-At most one chunk of logits is alive in forward or backward.
+loss run over ``chunk_size`` tokens at a time: each chunk's logits give its loss and, when a
+gradient is wanted, its share of the head's gradients, and are dropped. At most one chunk of
+logits is ever alive, and they are computed once (the gradient is formed in forward, as
+Liger-Kernel's fused linear cross-entropy does; backward only scales it).
 
 :func:`linear_cross_entropy_reference` is the plain version (the full logits), the reference the
 chunked one is checked against. Both return the weighted sum over tokens (labels ``-100``
@@ -44,56 +45,63 @@ def linear_cross_entropy_reference(
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """hidden (N, H), weight (V, H), labels (N,), weights (N,) -> scalar fp32 sum."""
+    """hidden (N, H), weight (V, H), labels (N,), weights (N,) -> scalar fp32 sum.
+
+    When a gradient is wanted, forward also computes it, chunk by chunk, while each chunk's
+    logits are alive (d loss / d logits = softmax - onehot), and backward only scales it by
+    the incoming scalar: the head's logits are computed once instead of twice, and no
+    log-softmax backward runs. What is kept between the two is the size of the inputs, the
+    gradients that backward would allocate anyway. Without a gradient, forward keeps nothing."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
         chunk_size: int, dtype: torch.dtype,
     ) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         h, w = hidden.to(dtype), weight.to(dtype)
         valid = labels != IGNORE_INDEX
         safe_labels = labels.masked_fill(~valid, 0)  # any other bad label still fails in gather
-        coef = weights.float() * valid
-        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        coef = weights.float() * valid  # d total / d (lse - target) per token
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        with torch.autocast(h.device.type, enabled=False):
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        with torch.autograd.grad_mode.no_grad(), torch.autocast(h.device.type, enabled=False):
             for start in range(0, h.shape[0], chunk_size):
                 stop = start + chunk_size
                 logits = (h[start:stop] @ w.t()).float()
-                chunk_lse = torch.logsumexp(logits, dim=-1)
                 target = logits.gather(1, safe_labels[start:stop, None]).squeeze(1)
-                total += ((chunk_lse - target) * coef[start:stop]).sum()
-                lse[start:stop] = chunk_lse
-        ctx.save_for_backward(hidden, weight, safe_labels, coef, lse)
-        ctx.chunk_size, ctx.dtype = chunk_size, dtype
+                row_max = logits.amax(dim=-1, keepdim=True)
+                exp = logits.sub_(row_max).exp_()  # in place: one pass, no second (chunk, V) buffer
+                sum_exp = exp.sum(dim=-1, keepdim=True)
+                chunk_lse = (row_max + sum_exp.log()).squeeze(1)
+                scale = coef[start:stop, None]
+                total += ((chunk_lse - target) * scale.squeeze(1)).sum()
+                if grad_h is None and grad_w is None:
+                    continue
+                grad = exp.mul_(scale / sum_exp)  # softmax * coef
+                grad.scatter_add_(1, safe_labels[start:stop, None], -scale)
+                grad = grad.to(dtype)
+                if grad_h is not None:
+                    torch.mm(grad, w, out=grad_h[start:stop])
+                if grad_w is not None and dtype == torch.float32:
+                    grad_w.addmm_(grad.t(), h[start:stop])  # accumulate in place: no (V, H) temporary
+                elif grad_w is not None:  # bf16/fp16 matmul, fp32 accumulation (mixed addmm is not on CPU)
+                    grad_w += (grad.t() @ h[start:stop]).float()
+        ctx.save_for_backward(
+            grad_h if grad_h is not None else torch.empty(0), grad_w if grad_w is not None else torch.empty(0)
+        )
+        ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, labels, coef, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        h, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-        scale = coef * grad_total.float()  # d total / d (lse - target) per token
-        with torch.autocast(h.device.type, enabled=False):
-            for start in range(0, h.shape[0], ctx.chunk_size):
-                stop = start + ctx.chunk_size
-                logits = (h[start:stop] @ w.t()).float()
-                # d loss / d logits = (softmax - onehot(label)) * scale, built in place
-                grad = logits.sub_(lse[start:stop, None]).exp_().mul_(scale[start:stop, None])
-                grad.scatter_add_(1, labels[start:stop, None], -scale[start:stop, None])
-                grad = grad.to(ctx.dtype)
-                if grad_h is not None:
-                    torch.mm(grad, w, out=grad_h[start:stop])
-                if grad_w is not None and ctx.dtype == torch.float32:
-                    grad_w.addmm_(grad.t(), h[start:stop])  # accumulate in place: no (V, H) temporary
-                elif grad_w is not None:  # bf16/fp16 matmul, fp32 accumulation (mixed addmm is not on CPU)
-                    grad_w += (grad.t() @ h[start:stop]).float()
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_total.float()
+        hidden_dtype, weight_dtype = ctx.dtypes
         return (
-            grad_h.to(hidden.dtype) if grad_h is not None else None,
-            grad_w.to(weight.dtype) if grad_w is not None else None,
+            (grad_h * scale).to(hidden_dtype) if ctx.needs_input_grad[0] else None,
+            (grad_w * scale).to(weight_dtype) if ctx.needs_input_grad[1] else None,
             None, None, None, None,
         )
 

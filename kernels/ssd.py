@@ -32,6 +32,38 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     return summed.masked_fill(~lower, -math.inf)
 
 
+def _span_adjoint(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(n * n, n) 0/1 matrix: row ``i * n + j`` has ones at ``j < k <= i`` (the spans of :func:`segsum`)."""
+    k = torch.arange(n, device=device)
+    return ((k[None, :, None] < k) & (k <= k[:, None, None])).to(dtype).reshape(n * n, n)
+
+
+class _SpanDecay(torch.autograd.Function):
+    """``exp(segsum(a))``, zero across documents (``same_doc`` False): the intra-chunk decay.
+
+    Forward is :func:`segsum` (each exponent summed over its own span) and keeps only the
+    decay. Backward is written out: d decay / d seg = decay, and each ``a_k`` receives the
+    gradient of every span that contains it, one matmul with the 0/1 span matrix. Autograd
+    over segsum instead keeps the expanded (..., l, s) sums and runs masked fills, two flips
+    and a reversed cumsum over them."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, same_doc: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        seg = segsum(a)
+        if same_doc is not None:
+            seg = seg.masked_fill_(~same_doc, -math.inf)
+        decay = seg.exp_()
+        ctx.save_for_backward(decay)
+        return decay
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (decay,) = ctx.saved_tensors
+        n = decay.shape[-1]
+        grad_seg = (grad * decay).flatten(-2)  # zero wherever the decay is (masked or -inf)
+        return grad_seg @ _span_adjoint(n, grad.device, grad.dtype), None
+
+
 def ssd_chunk_scan_ref(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -85,11 +117,8 @@ def ssd_chunk_scan_ref(
     a = a.view(batch, nchunks, L, groups, rep).permute(0, 1, 3, 4, 2)
     sidx = seq_idx.view(batch, nchunks, L) if seq_idx is not None else None
 
-    seg = segsum(a)  # (b, c, g, r, l, s)
-    if sidx is not None:
-        same_doc = sidx[:, :, :, None] == sidx[:, :, None, :]  # (b, c, l, s)
-        seg = seg.masked_fill(~same_doc[:, :, None, None], -math.inf)
-    decay = torch.exp(seg)
+    same_doc = sidx[:, :, None, None, :, None] == sidx[:, :, None, None, None, :] if sidx is not None else None
+    decay = _SpanDecay.apply(a, same_doc)  # (b, c, g, r, l, s)
 
     # 1. inside each chunk: y[l] = sum_s (C_l . B_s) decay[l, s] xdt[s]
     cb = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)

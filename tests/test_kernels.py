@@ -80,3 +80,14 @@ def test_conv_hand_written_backward_passes_gradcheck(packed: bool):
     bias = torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_(True)
     seq_idx = _segments([4, 1, 6])[None].expand(2, 11) if packed else None
     assert torch.autograd.gradcheck(lambda a, b, c: causal_conv1d_ref(a, b, c, seq_idx=seq_idx), (x, w, bias))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_span_decay_hand_written_backward_passes_gradcheck(packed: bool):
+    """The SSD's intra-chunk decay has a written-out backward (kernels/ssd.py): check it numerically."""
+    from hebtron.kernels.ssd import _SpanDecay
+
+    gen = torch.Generator().manual_seed(3)
+    a = (-torch.rand(2, 3, 6, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    same_doc = (torch.rand(2, 3, 6, 6, generator=gen) > 0.3) if packed else None
+    assert torch.autograd.gradcheck(lambda t: _SpanDecay.apply(t, same_doc), (a,))

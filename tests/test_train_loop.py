@@ -41,8 +41,8 @@ def test_run_trains_checkpoints_and_logs(fixture_dir, tmp_path, capsys):
     assert type(trainer) is Trainer and type(trainer.engine) is NativeEngine  # one loop for every engine
     kernels = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("kernels: "))
     assert kernels == ("kernels: attention segments (packed rows), sdpa_causal (one-document rows), SSD scan PyTorch "
-                       "reference, conv1d PyTorch reference, experts grouped_mm, loss chunked linear cross-entropy "
-                       "(plain below 2^25 logits per micro-batch)")
+                       "reference, conv1d PyTorch reference, experts grouped_mm, loss chunked linear cross-entropy, "
+                       "gradient formed in forward")
     result = trainer.run()
     assert result.steps == 12 and result.tokens == 12 * 8 * 32
     assert result.val_loss_end["he_valid"] < result.val_loss_start["he_valid"] - 0.5

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 
 from hebtron.kernels.chunked_ce import chunked_linear_cross_entropy
 
-PLAIN_MAX_LOGITS = 2**25  # 128 MB of fp32 logits: below this the head is materialized
-LOSS_IMPLEMENTATION = "chunked linear cross-entropy (plain below 2^25 logits per micro-batch)"
+LOSS_IMPLEMENTATION = "chunked linear cross-entropy, gradient formed in forward"
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -34,11 +33,5 @@ def token_loss_sum_from_hidden(
     """:func:`token_loss_sum` of ``hidden @ lm_head_weight.T`` without materializing the logits:
     ``hidden`` (b, T, H) after the final norm (``model(..., return_hidden=True).hidden``),
     ``loss_mask`` float weights (SFT per-sample averaging allowed), labels -100 count zero.
-
-    Small logits (at most :data:`PLAIN_MAX_LOGITS` entries, e.g. the CPU demo's 4 x 256 x 8k)
-    are cheaper materialized than recomputed chunk by chunk in backward, so unless a
-    ``chunk_size`` is asked for they take the plain path; Nemotron-sized heads (8k x 131k per
-    row) always go through the chunked kernel."""
-    if chunk_size is None and hidden.shape[:-1].numel() * lm_head_weight.shape[0] <= PLAIN_MAX_LOGITS:
-        return token_loss_sum(F.linear(hidden, lm_head_weight), labels, loss_mask)
+    The kernel computes the logits once, whatever their size (see :mod:`hebtron.kernels.chunked_ce`)."""
     return chunked_linear_cross_entropy(hidden, lm_head_weight, labels, loss_mask, chunk_size)

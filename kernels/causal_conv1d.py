@@ -65,7 +65,7 @@ def causal_conv1d_ref(
     seq_idx: (batch, time) document index per token, or None for one document per row.
     Output[t] = sum_k weight[:, k] * x[t - (K-1) + k], counting only inputs of t's document.
     """
-    kernel, time = weight.shape[-1], x.shape[-1]
+    kernel = weight.shape[-1]
     same = None
     if seq_idx is not None:  # same[s - 1][b, t]: token t - s is in t's document
         same = torch.stack([torch.cat([torch.zeros_like(seq_idx[:, :shift], dtype=torch.bool),

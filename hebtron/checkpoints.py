@@ -13,6 +13,9 @@ Layout under a run's checkpoint directory::
         ...                   weights and optimizer state (backend specific)
         COMPLETE              manifest (file sizes), written last
         KEEP                  optional: pruning never deletes this checkpoint (eval gate)
+        EVALUATING-<host>-<pid>   an evaluation lease (``hebtron eval watch``): pruning skips the
+                              checkpoint while the lease is live (see :func:`live_leases`)
+        eval/SUITE.json       benchmark results of this checkpoint (``hebtron eval watch``)
         megatron/             Megatron backend: the distributed checkpoint (no safetensors), and
         hf/                   its HF conversion, made on first use by export / eval / probe / SFT
     step_00001000.tmp-<host>-<pid>    a save in progress (or one whose writer died)
@@ -43,6 +46,9 @@ CONFIG_FILE = "config.json"
 STATE_FILE = "trainer_state.json"
 COMPLETE_FILE = "COMPLETE"
 KEEP_FILE = "KEEP"
+LEASE_PREFIX = "EVALUATING-"  # + <host>-<pid>: an evaluator is reading this checkpoint
+LEASE_TTL_S = 600.0  # a lease whose heartbeat is older than this is dead (its evaluator is gone)
+EVAL_DIR = "eval"  # step_N/eval/<suite>.json: that checkpoint's benchmark results
 MEGATRON_DIR = "megatron"  # a Megatron-backend step_N's distributed checkpoint
 SHARDED_DIR = "dcp"  # a native FSDP2 step_N's torch.distributed.checkpoint (every rank's shards)
 HF_CACHE_DIR = "hf"  # beside either: its Hugging Face conversion (hebtron.backends.hf_dirs)
@@ -169,6 +175,41 @@ def find_latest(run_ckpt_dir: str | os.PathLike) -> Path | None:
 def mark_keep(checkpoint: str | os.PathLike, reason: str = "") -> None:
     """Protect a checkpoint from pruning (e.g. it passed the eval gate)."""
     write_text_synced(Path(checkpoint) / KEEP_FILE, reason + "\n")
+
+
+def lease_path(checkpoint: str | os.PathLike, tag: str | None = None) -> Path:
+    """This process's evaluation lease in ``checkpoint`` (another's with ``tag``)."""
+    return Path(checkpoint) / f"{LEASE_PREFIX}{tag or scratch_tag()}"
+
+
+def live_leases(checkpoint: str | os.PathLike, now: float | None = None) -> list[Path]:
+    """Evaluation leases in ``checkpoint`` whose evaluator still runs.
+
+    A lease of this host is live while its process runs. One of another host (the evaluator runs
+    on an eval node, training on others) is live while its heartbeat, the file's mtime, which
+    the evaluator refreshes every minute, is younger than :data:`LEASE_TTL_S`."""
+    import time
+
+    now = time.time() if now is None else now
+    root, host, live = Path(checkpoint), this_host(), []
+    try:
+        names = sorted(p.name for p in root.iterdir() if p.name.startswith(LEASE_PREFIX))
+    except OSError:
+        return []
+    for name in names:
+        tag = name[len(LEASE_PREFIX):]
+        lease_host, _, pid = tag.rpartition("-")
+        path = root / name
+        if lease_host == host and pid.isdigit():
+            alive = pid_alive(int(pid))
+        else:
+            try:
+                alive = now - path.stat().st_mtime < LEASE_TTL_S
+            except OSError:
+                alive = False
+        if alive:
+            live.append(path)
+    return live
 
 
 def read_trainer_state(checkpoint: Path) -> tuple[int, dict[str, Any]]:

@@ -47,6 +47,7 @@ from hebtron.checkpoints import (
     fsync_dir,
     fsync_file,
     list_checkpoints,
+    live_leases,
     read_trainer_state,
     scratch_path,
     scratch_tag,
@@ -226,9 +227,12 @@ def _write_latest(root: Path, name: str) -> None:
 def prune_checkpoints(run_ckpt_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     """Delete complete checkpoints beyond the newest ``keep_last``; return what was deleted.
 
-    Never deletes the one ``latest`` names, nor any holding a ``KEEP`` file. A checkpoint is
-    renamed to a scratch name before removal, so a crash mid-delete never leaves a
-    half-deleted ``step_*`` directory that looks like a checkpoint.
+    Never deletes the one ``latest`` names, nor any holding a ``KEEP`` file, nor one with a live
+    evaluation lease (``hebtron eval watch`` is reading it). A checkpoint is renamed to a scratch
+    name before removal, so a crash mid-delete never leaves a half-deleted ``step_*`` directory
+    that looks like a checkpoint. The lease is checked again after that rename, and a leased
+    checkpoint is renamed back: an evaluator takes its lease by the checkpoint's name, so a lease
+    is either inside the renamed directory (seen here) or failed to be made (the evaluator skips).
     """
     if keep_last < 1:
         raise ValueError(f"prune_checkpoints: keep_last must be >= 1, got {keep_last}")
@@ -237,10 +241,13 @@ def prune_checkpoints(run_ckpt_dir: str | os.PathLike, keep_last: int) -> list[P
     protected = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
     deleted = []
     for _, path in list_checkpoints(root)[:-keep_last]:
-        if path.name == protected or (path / KEEP_FILE).exists():
+        if path.name == protected or (path / KEEP_FILE).exists() or live_leases(path):
             continue
         trash = scratch_path(root, path.name, "trash")
         os.rename(path, trash)
+        if live_leases(trash):  # leased between the check and the rename: give it back
+            os.rename(trash, path)
+            continue
         shutil.rmtree(trash, ignore_errors=True)
         deleted.append(path)
     return deleted

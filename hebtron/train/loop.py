@@ -265,6 +265,7 @@ class Trainer:
             "chat_template": self._chat_template,
             "world_size": self.ops.world_size,
             "backend": self.recipe.backend,
+            "final": self.done,  # the run's last checkpoint: `hebtron eval watch` stops after it
         }
         return self.engine.save(self.ckpt_dir, self.step, extra, self.recipe.checkpoint.keep_last)
 

@@ -83,6 +83,20 @@ class Aggregate(BaseModel):
         return v
 
 
+class SelectRule(BaseModel):
+    """How ``hebtron eval select`` picks the checkpoint to keep among a run's evaluated ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    baseline: str | None = Field(
+        default=None, description="results JSON every checkpoint is gated against (relative: to the policy "
+                                  "file); default: the run's first evaluated checkpoint")
+    tie_margin: float = Field(default=0.0, ge=0, allow_inf_nan=False,
+                              description="aggregates within this of the best count as tied; the latest step wins")
+    plateau_window: int = Field(default=3, ge=1, description="plateau: no task improved beyond its stderr "
+                                                             "over the last K evaluations")
+
+
 class Policy(BaseModel):
     """Per-task tolerances plus an optional floor on the aggregate gain."""
 
@@ -92,6 +106,7 @@ class Policy(BaseModel):
     description: str = ""
     tasks: dict[str, TaskRule] = Field(min_length=1)
     aggregate: Aggregate | None = None
+    select: SelectRule = Field(default_factory=SelectRule)
 
 
 def load_yaml_model(path: str | Path, cls: type[M]) -> M:

@@ -20,7 +20,7 @@ from typing import Any
 
 from hebtron.errors import UserError
 
-BACKENDS = ("hebtron", "hf")
+BACKENDS = ("hebtron", "hf", "vllm")
 KEPT_KEYS = ("results", "groups", "group_subtasks", "versions", "n-shot", "higher_is_better", "n-samples",
              "config", "lm_eval_version", "date", "max_length")
 
@@ -54,16 +54,31 @@ def _model(backend: str, checkpoint: str | Path, tokenizer: str | Path | None, d
         return "hebtron", args | extra, source
     model_dir = source.model_dir
     if (model_dir / STATE_FILE).is_file() or source.tokenizer_dir != model_dir:
-        # lm-eval's hf model wants one plain HF directory holding the tokenizer: write one
+        # lm-eval's hf and vllm models want one plain HF directory holding the tokenizer: write one
         from hebtron.model.hf import load_hf, save_hf
         from hebtron.data.tokenizer import load_hf_tokenizer
 
         model_dir = save_hf(load_hf(source.model_dir, dtype=None), scratch / "hf")
         load_hf_tokenizer(source.tokenizer_dir).save_pretrained(str(model_dir))
+    if backend == "vllm":  # vLLM picks its GPUs itself; the suite's model_args may set tensor_parallel_size
+        args = {"pretrained": str(model_dir), "dtype": dtype or "auto", "trust_remote_code": False}
+        return "vllm", args | extra | {"trust_remote_code": False}, source
     if device in ("auto", "", None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     args = {"pretrained": str(model_dir), "device": device, "dtype": dtype or "auto", "trust_remote_code": False}
     return "hf", args | extra, source
+
+
+def require_backend(backend: str) -> None:
+    """One line, before any work, when a backend's package is missing (vLLM is an optional
+    GPU extra, imported lazily by lm-eval)."""
+    import importlib.util
+
+    if backend not in BACKENDS:
+        raise UserError(f"--backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise UserError("--backend vllm: the vllm package is not installed; on a GPU node install hebtron's "
+                        "vllm extra (pip install 'hebtron[vllm]'), or use --backend hf")
 
 
 def run_suite(
@@ -81,8 +96,7 @@ def run_suite(
     """Evaluate ``checkpoint`` on a suite; return the results payload (not written)."""
     from hebtron.eval.config import load_suite, task_dirs
 
-    if backend not in BACKENDS:
-        raise UserError(f"--backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    require_backend(backend)
     suite, suite_file = load_suite(suite_ref)
     dirs = task_dirs(suite, suite_file, list(include))
     os.environ.setdefault("DISABLE_MULTIPROC", "1")  # single-process, seeded bootstrap: reproducible stderr

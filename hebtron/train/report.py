@@ -22,7 +22,7 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     run has data for; return the PNG paths written (``report/<name>.png`` by default)."""
     run = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run / REPORT_DIR
-    records = read_metrics(run)
+    records = [r for r in read_metrics(run) if r.get("kind") != "eval"]  # eval watch adds benchmark records
     written = []
     for name, fn in PLOTS.items():
         if only is not None and name not in only:

@@ -137,18 +137,23 @@ def _answer_texts(value):
     return [str(v).strip() for v in value or [] if str(v).strip()]
 
 
-def heq_docs(dataset):
+def heq_docs(dataset, task="heq"):
     """Answerable HeQ questions: context, question, answers (list of gold spans)."""
     def row(doc):
         d = _lower(doc)
         answers = _answer_texts(_maybe(d, ["answers", "answer", "answer_text"]) or [])
         return {
-            "context": str(_first(d, ["context", "paragraph"], "context", "heq")),
-            "question": str(_first(d, ["question"], "question", "heq")),
+            "context": str(_first(d, ["context", "paragraph"], "context", task)),
+            "question": str(_first(d, ["question"], "question", task)),
             "answers": answers,
             "answerable": bool(answers) and not _truthy(d.get("is_impossible", False)),
         }
     return dataset.map(row, remove_columns=dataset.column_names).filter(lambda d: d["answerable"])
+
+
+def alephbench_qa_docs(dataset):
+    """AlephBench's Hebrew-QA configuration (HeQ questions; columns assumed to be HeQ's)."""
+    return heq_docs(dataset, "alephbench_hebrew_qa")
 
 
 # ----------------------------------------------------------------------------- classification
@@ -163,27 +168,36 @@ def _label(value, names, task):
     return names[key]
 
 
-def sentiment_docs(dataset):
+def sentiment_docs(dataset, task="hebrew_sentiment"):
     """HebrewSentiment: text and label 0 positive / 1 negative / 2 neutral."""
     def row(doc):
         d = _lower(doc)
-        return {"text": str(_first(d, ["text", "sentence"], "text", "hebrew_sentiment")),
-                "label": _label(_first(d, ["tag_ids", "label", "sentiment"], "label", "hebrew_sentiment"),
-                                SENTIMENT_LABELS, "hebrew_sentiment")}
+        return {"text": str(_first(d, ["text", "sentence"], "text", task)),
+                "label": _label(_first(d, ["tag_ids", "label", "sentiment"], "label", task), SENTIMENT_LABELS, task)}
     return dataset.map(row, remove_columns=dataset.column_names)
 
 
-def nli_docs(dataset):
+def nli_docs(dataset, task="hebnli"):
     """HebNLI: Hebrew premise/hypothesis (translation1/2) and label 0 entailment / 1 neutral / 2 contradiction."""
     def row(doc):
         d = _lower(doc)
-        raw = str(_first(d, ["hebrew_label", "original_label", "label", "gold_label"], "label", "hebnli")).strip()
-        return {"premise": str(_first(d, ["translation1", "premise", "sentence1"], "premise", "hebnli")),
-                "hypothesis": str(_first(d, ["translation2", "hypothesis", "sentence2"], "hypothesis", "hebnli")),
+        raw = str(_first(d, ["hebrew_label", "original_label", "label", "gold_label"], "label", task)).strip()
+        return {"premise": str(_first(d, ["translation1", "premise", "sentence1"], "premise", task)),
+                "hypothesis": str(_first(d, ["translation2", "hypothesis", "sentence2"], "hypothesis", task)),
                 "raw_label": raw}
     docs = dataset.map(row, remove_columns=dataset.column_names)
     docs = docs.filter(lambda d: d["raw_label"] not in ("", "-"))  # MultiNLI rows without a consensus label
-    return docs.map(lambda d: {"label": _label(d["raw_label"], NLI_LABELS, "hebnli")})
+    return docs.map(lambda d: {"label": _label(d["raw_label"], NLI_LABELS, task)})
+
+
+def alephbench_sentiment_docs(dataset):
+    """AlephBench's HebrewSentiment configuration (columns assumed to be HebrewSentiment's or text/label)."""
+    return sentiment_docs(dataset, "alephbench_hebrew_sentiment")
+
+
+def alephbench_nli_docs(dataset):
+    """AlephBench's HebNLI configuration (columns assumed to be HebNLI's or premise/hypothesis/label)."""
+    return nli_docs(dataset, "alephbench_hebnli")
 
 
 # ----------------------------------------------------------------------------- AlephBench multiple choice
@@ -310,3 +324,34 @@ def translation_docs(dataset):
         return {"source": str(_first(d, ["en", "english", "source", "src"], "English source", "ted_heb")),
                 "target": str(_first(d, ["he", "hebrew", "target", "tgt", "reference"], "Hebrew reference", "ted_heb"))}
     return dataset.map(row, remove_columns=dataset.column_names)
+
+
+def _ted_pair(d, source, target, task):
+    """(source, target) text of one TED row, or None when the talk lacks either language."""
+    pair = _literal(d.get("translations"))
+    if isinstance(pair, dict) and "language" in pair:
+        by_lang = dict(zip(pair.get("language") or [], pair.get("translation") or [], strict=False))
+    elif isinstance(pair, dict):
+        by_lang = pair
+    elif source in d or target in d:
+        by_lang = d
+    else:
+        raise ValueError(f"{task}: no translations column and no {source}/{target} columns (rows have "
+                         f"{', '.join(sorted(d))}); update eval/tasks/hebrew/utils.py")
+    src, tgt = (str(by_lang.get(k) or "").strip() for k in (source, target))
+    return (src, tgt) if src and tgt else None
+
+
+def _ted_docs(dataset, source, target, task):
+    """TED talk sentences (NeuLab TED corpus, neulab/ted_multi) that exist in both languages."""
+    pairs = [_ted_pair(_lower(doc), source, target, task) for doc in dataset]
+    pairs = [p for p in pairs if p]
+    return type(dataset).from_dict({"source": [p[0] for p in pairs], "target": [p[1] for p in pairs]})
+
+
+def ted_en_he_docs(dataset):
+    return _ted_docs(dataset, "en", "he", "ted_en_he")
+
+
+def ted_he_en_docs(dataset):
+    return _ted_docs(dataset, "he", "en", "ted_he_en")

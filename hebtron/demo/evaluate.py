@@ -10,6 +10,7 @@ training: ``hebtron eval run`` for each, then ``hebtron eval gate`` with
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -53,21 +54,68 @@ def gated_scores(payload: dict[str, Any], policy: Policy) -> dict[str, float]:
     return scores
 
 
-def evaluate_and_gate(demo_root: Path, baseline: tuple[str, Path], candidate: tuple[str, Path]) -> dict[str, Any]:
-    """Evaluate both (name, checkpoint) pairs, gate the candidate, print and return the verdict."""
-    quiet()
+def _mini_suite(demo_root: Path) -> Path:
+    """Build the mini suite's tasks (once) and return their directory."""
     eval_dir = demo_root / "eval"
     manifest = build_mini_suite(demo_root / "data", eval_dir, tokenizer_dir=demo_root / "tokenizer")
     print("  mini suite: " + ", ".join(f"{t} ({i['docs']} docs)" for t, i in manifest["tasks"].items()))
+    return eval_dir / "tasks"
+
+
+def evaluate_run(demo_root: Path, run_dir: Path) -> dict[str, Any]:
+    """Every checkpoint of the CPT run on the mini suite, as ``hebtron eval watch --once`` does,
+    then the run-level choice (``eval select``) and the curves (``eval table``)."""
+    from hebtron.eval.select import select, write_selection
+    from hebtron.eval.table import write_table
+    from hebtron.eval.watch import Watcher
+
+    quiet()
+    tasks_dir = _mini_suite(demo_root)
+
+    def evaluate(checkpoint: Path) -> dict[str, Any]:
+        with open(demo_root / "eval" / f"{checkpoint.name}.log", "w", encoding="utf-8") as log:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                return run_suite(SUITE, checkpoint, backend="hebtron", include=[tasks_dir])
+
+    watcher = Watcher(run_dir, SUITE.stem, evaluate, say=lambda line: print(f"  {line.removeprefix('eval watch: ')}"))
+    watcher.run_until_done(once=True)
     policy = load_yaml_model(POLICY, Policy)
-    tasks_dir = eval_dir / "tasks"
+    selection = select(run_dir, SUITE.stem, policy, POLICY)
+    assert watcher.dirs is not None
+    report, _ = write_selection(selection, policy, watcher.dirs.ckpt_dir)
+    _, table_md, png = write_table(run_dir, suite=SUITE.stem)
+    chosen = selection.chosen
+    print(f"  select: keep step {chosen.step}" if chosen else "  select: no checkpoint chosen", end="")
+    print(f" ({selection.plateau.note}); report {report}")
+    print(f"  curves: {png} (table {table_md})")
+    where = "" if tasks_dir.resolve() == Path("runs/demo/eval/tasks").resolve() else f" --tasks-dir {tasks_dir}"
+    print(f"    = hebtron eval watch {run_dir} --suite hebrew-mini --once{where}; hebtron eval select {run_dir} "
+          f"--suite hebrew-mini --policy eval/suites/{POLICY.name}; hebtron eval table {run_dir}")
+    return {"chosen_step": chosen.step if chosen else None, "plateau": selection.plateau.plateau,
+            "report": str(report), "table": str(table_md), "curves": str(png),
+            "evaluated": [c.step for c in selection.candidates]}
+
+
+def evaluate_and_gate(demo_root: Path, baseline: tuple[str, Path], candidate: tuple[str, Path]) -> dict[str, Any]:
+    """Evaluate both (name, checkpoint) pairs, gate the candidate, print and return the verdict.
+    A checkpoint that ``evaluate_run`` already evaluated reuses its results."""
+    from hebtron.eval.run_results import results_path
+
+    quiet()
+    eval_dir = demo_root / "eval"
+    tasks_dir = _mini_suite(demo_root)
+    policy = load_yaml_model(POLICY, Policy)
     where = "" if tasks_dir.resolve() == Path("runs/demo/eval/tasks").resolve() else f" --tasks-dir {tasks_dir}"
     paths, scores = {}, {}
     for name, ckpt in (baseline, candidate):
         out = eval_dir / f"{name}.json"
-        with open(eval_dir / f"{name}.log", "w", encoding="utf-8") as log:  # progress bars and prints
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                payload = run_suite(SUITE, ckpt, backend="hebtron", include=[tasks_dir])
+        done = results_path(ckpt, SUITE.stem)
+        if done.is_file():  # evaluated with the rest of its run
+            payload = json.loads(done.read_text(encoding="utf-8"))
+        else:
+            with open(eval_dir / f"{name}.log", "w", encoding="utf-8") as log:  # progress bars and prints
+                with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                    payload = run_suite(SUITE, ckpt, backend="hebtron", include=[tasks_dir])
         write_json(out, payload)
         paths[name], scores[name] = out, gated_scores(payload, policy)
         shown = ", ".join(f"{k.removeprefix('hebrew_mini_')} {v:.3f}" for k, v in scores[name].items())

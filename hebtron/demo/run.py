@@ -129,11 +129,16 @@ def run_eval(cpt: dict, sft: dict | None) -> dict:
     (without an SFT checkpoint, CPT against the untrained model it started from)."""
     from hebtron.demo.evaluate import evaluate_and_gate, initial_model
 
-    _section("7. benchmarks (offline Hebrew mini suite) and the checkpoint gate")
+    from hebtron.demo.evaluate import evaluate_run
+
+    _section("7. benchmarks (offline Hebrew mini suite) over the CPT run, and the checkpoint gate")
+    run_level = evaluate_run(DEMO_ROOT, Path(cpt["run_dir"]))
     if sft is not None:
-        return evaluate_and_gate(DEMO_ROOT, ("cpt", Path(cpt["checkpoint"])), ("sft", Path(sft["checkpoint"])))
-    init = initial_model(CPT_RECIPE, DEMO_ROOT / "eval" / "init")
-    return evaluate_and_gate(DEMO_ROOT, ("init", init), ("cpt", Path(cpt["checkpoint"])))
+        verdict = evaluate_and_gate(DEMO_ROOT, ("cpt", Path(cpt["checkpoint"])), ("sft", Path(sft["checkpoint"])))
+    else:
+        init = initial_model(CPT_RECIPE, DEMO_ROOT / "eval" / "init")
+        verdict = evaluate_and_gate(DEMO_ROOT, ("init", init), ("cpt", Path(cpt["checkpoint"])))
+    return verdict | {"cpt_run": run_level}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{sft['val_loss_after'].get(name, float('nan')):.3f}")
     print(f"  SFT: {pack['examples']:,} conversations in {pack['rows']:,} rows, fill {100 * pack['fill']:.1f}%; "
           f"{sft['steps']} steps, {sft['tokens']:,} tokens, {sft['train_wall_s']} s; checkpoint {sft['checkpoint']}")
+    run_level = evals["cpt_run"]
+    print(f"  CPT run: {len(run_level['evaluated'])} checkpoints benchmarked (steps "
+          f"{', '.join(map(str, run_level['evaluated']))}), keep step {run_level['chosen_step']}; curves {run_level['curves']}")
     print(f"  gate ({evals['candidate']} vs {evals['baseline']}, eval/suites/hebrew-mini.gate.yaml): "
           f"{evals['verdict'].upper()}; report {evals['report']}")
     print(f"  demo wall time: {summary['wall_s']} s (summary in {DEMO_ROOT / 'summary.json'})")

@@ -51,6 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     pack.add_argument("--lang", default=None, help="language code for records without a 'lang' field")
     pack.set_defaults(func=_pack)
 
+    # corpus tools: dedup and cluster (data layer); mix-search trains, so its code sits in launch
+    from hebtron.data.corpus_cli import register as register_corpus_tools
+    from hebtron.launch.mix.cli import register as register_mix_search
+
+    register_corpus_tools(data_sub)
+    register_mix_search(data_sub)
+
     tok = sub.add_parser("tokenizer", help="train tokenizers and compare their compression")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND", required=True)
     train = tok_sub.add_parser("train", help="train a byte-level BPE (transformers-loadable directory)")

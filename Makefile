@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: venv test test-fast demo bench clean slurm-deps
+.PHONY: venv test test-fast demo bench clean slurm-deps browser-deps
 
 venv: $(STAMP)
 
@@ -33,16 +33,20 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 # Two workers (pytest-xdist, one test module per worker at a time, in the order tests/conftest.py
 # sets: the real-Slurm modules first, since they spend most of their time waiting and the other
 # worker's tests run meanwhile). One torch thread per worker on 2 cores.
-test: venv slurm-deps
+test: venv slurm-deps browser-deps
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder --durations=15 tests
 
 # Everything but the tests marked slow (real Slurm, torchrun ranks, Megatron, demo-sized training):
 # a few minutes on 2 cores. `make test` still runs them all.
-test-fast: venv slurm-deps
+test-fast: venv slurm-deps browser-deps
 	$(PY) -m pytest -m "not slow" tests
 
 slurm-deps:
 	@slurm/local/install-deps.sh
+
+# The arena's browser test drives Debian's chromium with Playwright; browser-deps installs it via apt when missing.
+browser-deps:
+	@tests/install-browser.sh
 
 demo: venv
 	$(PY) -m hebtron.demo

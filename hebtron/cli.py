@@ -25,6 +25,7 @@ COMMAND_MODULES: list[str] = [
     "hebtron.train.commands",
     "hebtron.train.plan_commands",
     "hebtron.eval.commands",
+    "hebtron.arena.commands",
     "hebtron.launch.commands",
     "hebtron.monitor.commands",
     "hebtron.backends.commands",

@@ -10,7 +10,7 @@ Order, low to high (same level on one line)::
     train
     backends
     eval
-    launch
+    launch, arena
     cli, demo, hebtron/__init__.py, hebtron/__main__.py
 
 A module's layer is its first component after ``hebtron.`` (``hebtron/cli.py`` is ``cli``,
@@ -45,7 +45,7 @@ LAYER_ORDER: list[tuple[str, ...]] = [
     ("train",),
     ("backends",),
     ("eval",),
-    ("launch",),
+    ("launch", "arena"),  # arena: generate and serve load models through eval
     ("cli", "demo", "<top>"),
 ]
 RANK: dict[str, int] = {layer: rank for rank, layers in enumerate(LAYER_ORDER) for layer in layers}

@@ -141,8 +141,17 @@ def run_eval(cpt: dict, sft: dict | None) -> dict:
     return verdict | {"cpt_run": run_level}
 
 
+def run_arena(cpt: dict, sft: dict) -> dict:
+    """CPT and SFT answers to 20 held-out translation prompts, stored for `hebtron arena serve`."""
+    from hebtron.demo.arena import build_demo_arena
+
+    _section("8. arena: CPT and SFT answers side by side, for people to vote on")
+    return build_demo_arena(DEMO_ROOT, [("cpt", cpt["checkpoint"]), ("sft", sft["checkpoint"])],
+                            Path(sft["translation_test"]))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Steps 1-7 and the summary (also saved as ``runs/demo/summary.json``); returns the exit code."""
+    """Steps 1-8 and the summary (also saved as ``runs/demo/summary.json``); returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m hebtron.demo", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="overrides for the CPT recipe, e.g. train.total_tokens=100k")
     args = parser.parse_args(argv)
@@ -152,10 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         cpt = run_cpt(args.overrides)
         sft = run_sft(cpt["checkpoint"])
         evals = run_eval(cpt, sft)
+        arena = run_arena(cpt, sft)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    summary = {"cpt": cpt, "sft": sft, "eval": evals, "wall_s": round(time.perf_counter() - started, 1)}
+    summary = {"cpt": cpt, "sft": sft, "eval": evals, "arena": arena, "wall_s": round(time.perf_counter() - started, 1)}
     (DEMO_ROOT / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     _section("summary")
     before, after = cpt["val_loss_before"], cpt["val_loss_after"]
@@ -177,5 +187,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(map(str, run_level['evaluated']))}), keep step {run_level['chosen_step']}; curves {run_level['curves']}")
     print(f"  gate ({evals['candidate']} vs {evals['baseline']}, eval/suites/hebrew-mini.gate.yaml): "
           f"{evals['verdict'].upper()}; report {evals['report']}")
+    print(f"  arena: {arena['prompts']} prompts x {len(arena['models'])} models in {arena['db']}; "
+          f"vote: hebtron arena serve {arena['dir']}")
     print(f"  demo wall time: {summary['wall_s']} s (summary in {DEMO_ROOT / 'summary.json'})")
     return 0

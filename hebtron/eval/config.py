@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hebtron.errors import UserError
+from hebtron.eval.arena_gate import ArenaRule
 from hebtron.recipe.messages import dotted, explain
 
 SUITES_DIR = Path(__file__).resolve().parents[2] / "eval" / "suites"
@@ -106,6 +107,7 @@ class Policy(BaseModel):
     description: str = ""
     tasks: dict[str, TaskRule] = Field(min_length=1)
     aggregate: Aggregate | None = None
+    arena: ArenaRule | None = Field(default=None, description="head-to-head votes (hebtron arena) the candidate must win")
     select: SelectRule = Field(default_factory=SelectRule)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hebtron.errors import UserError
+from hebtron.eval.arena_gate import combine, render_verdicts
 from hebtron.eval.config import Policy, TaskRule
 
 ACCEPT, REJECT = 0, 1
@@ -50,6 +51,9 @@ class Verdict:
     candidate: dict[str, Any] = field(default_factory=dict)
     baseline: dict[str, Any] = field(default_factory=dict)
     policy: str = ""
+    arena: dict[str, Any] | None = None  # the arena verdict, when the policy has one (eval/arena_gate.py)
+    benchmark_accepted: bool | None = None
+    decided_by: str = "benchmarks"
 
     @property
     def exit_code(self) -> int:
@@ -167,7 +171,7 @@ def gate(candidate: str | Path, baseline: str | Path, policy: Policy, policy_pat
         d.pop("traceback", None)
     problems = [p for p in (c_problem and f"candidate: {c_problem}", b_problem and f"baseline: {b_problem}") if p]
     if problems:
-        return Verdict(accepted=False, reasons=problems, **info)
+        return combine(Verdict(accepted=False, reasons=problems, **info), policy.arena, input_problems=True)
     checks = [check_task(task, rule, cand, base) for task, rule in policy.tasks.items()]
     reasons = [c.note for c in checks if not c.ok]
     gain = None
@@ -176,7 +180,8 @@ def gate(candidate: str | Path, baseline: str | Path, policy: Policy, policy_pat
         if gain < policy.aggregate.min_gain - 1e-12:
             reasons.append(f"aggregate: mean scaled gain {gain:+.4g} is below the policy's min_gain "
                            f"{policy.aggregate.min_gain:+.4g}")
-    return Verdict(accepted=not reasons, reasons=reasons, checks=checks, aggregate_gain=gain, **info)
+    return combine(Verdict(accepted=not reasons, reasons=reasons, checks=checks, aggregate_gain=gain, **info),
+                   policy.arena)
 
 
 def render_markdown(v: Verdict) -> str:
@@ -192,6 +197,7 @@ def render_markdown(v: Verdict) -> str:
         f"- policy: `{v.policy}`" + (f", suite {cand['suite']}" if cand.get("suite") else ""),
         "",
     ]
+    lines += render_verdicts(v)  # benchmarks and arena side by side (when the policy has an arena)
     if v.reasons:
         lines += ["## Why rejected", "", *[f"- {r}" for r in v.reasons], ""]
     if v.checks:

@@ -88,7 +88,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, content, expected):
 
 
 def test_cli_prints_the_counts(tmp_path, capsys):
-    path = write_corpus(tmp_path / "c.jsonl", [{"text": "אחת שתיים"}, {"text": "אַחַת, שְׁתַּיִם"}, {"text": "", "source": "x"}])
+    path = write_corpus(tmp_path / "c.jsonl", [{"text": "אחת שתיים"}, {"text": "אַחַת, שְׁתַּיִים"}, {"text": "", "source": "x"}])
     assert main(["data", "dedup", "--input", str(path), "--out", str(tmp_path / "o"), "--skip-empty"]) == 0
     out = capsys.readouterr().out
     assert "3 lines, 2 documents: kept 1, exact duplicates 1" in out

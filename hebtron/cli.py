@@ -39,6 +39,8 @@ COMMAND_MODULES: list[str] = [
 # Options of every command, accepted anywhere on the command line (before or after the command).
 DEBUG_FLAG = "--debug"
 TRUST_FLAG = "--trust-checkpoint"
+REMOTE_CODE_FLAG = "--trust-remote-code"
+GLOBAL_FLAGS = (DEBUG_FLAG, TRUST_FLAG, REMOTE_CODE_FLAG)
 # errnos of a disk that refuses a write: exit 74 (hebtron.errors.StorageError), not 2
 DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO, errno.EFBIG}
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -51,16 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(TRUST_FLAG, action="store_true",
                         help="read distributed-checkpoint metadata (a pickle) that no hebtron manifest vouches for; "
                              "only for checkpoints from a source you trust (still through an allow-list)")
+    parser.add_argument(REMOTE_CODE_FLAG, action="store_true",
+                        help="let tokenizer and model directories run their own Python code (an auto_map in their "
+                             "config), as transformers' trust_remote_code=True; no recipe or suite file can ask for it")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
 
 
-def _global_flags(argv: list[str]) -> tuple[list[str], bool, bool]:
-    """``argv`` without ``--debug`` / ``--trust-checkpoint`` (taken from any position), and them."""
-    debug, trust = DEBUG_FLAG in argv, TRUST_FLAG in argv
-    return [a for a in argv if a not in (DEBUG_FLAG, TRUST_FLAG)], debug, trust
+def _global_flags(argv: list[str]) -> tuple[list[str], dict[str, bool]]:
+    """``argv`` without the options of every command (taken from any position), and which were given."""
+    return [a for a in argv if a not in GLOBAL_FLAGS], {flag: flag in argv for flag in GLOBAL_FLAGS}
 
 
 def _first_line(err: BaseException) -> str:
@@ -71,16 +75,19 @@ def _first_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None, *, held_signal_mask: set[int] | None = None) -> int:
     """Run one command; its exit code. ``held_signal_mask``: the signal mask from before
     :func:`run` blocked the stop signals; commands that do not hold them get it back."""
-    rest, debug, trust = _global_flags(list(sys.argv[1:] if argv is None else argv))
-    if not trust:
-        return _main(rest, debug, held_signal_mask)
+    rest, flags = _global_flags(list(sys.argv[1:] if argv is None else argv))
+    if not (flags[TRUST_FLAG] or flags[REMOTE_CODE_FLAG]):
+        return _main(rest, flags[DEBUG_FLAG], held_signal_mask)
+    from hebtron.data.tokenizer import allow_remote_code
     from hebtron.train.dcp_safe import trust_unvouched_metadata
 
-    trust_unvouched_metadata(True)
+    trust_unvouched_metadata(flags[TRUST_FLAG])
+    allow_remote_code(flags[REMOTE_CODE_FLAG])
     try:
-        return _main(rest, debug, held_signal_mask)
+        return _main(rest, flags[DEBUG_FLAG], held_signal_mask)
     finally:  # in-process callers (tests) run the next command untrusted again
         trust_unvouched_metadata(False)
+        allow_remote_code(False)
 
 
 def _main(rest: list[str], debug: bool, held_signal_mask: set[int] | None) -> int:

@@ -24,22 +24,54 @@ def _first_line(text: str) -> str:
     return (str(text).strip().splitlines() or [""])[0][:300]
 
 
-def check_plain(value: Any, where: str, max_depth: int = MAX_DEPTH, error: type[UserError] = UserError) -> Any:
-    """``value`` if it is nested at most ``max_depth`` deep and its strings are valid Unicode
-    (no lone surrogates); else a one-line UserError naming ``where`` and the offending path."""
+def plain_problem(value: Any, max_depth: int = MAX_DEPTH) -> str | None:
+    """Why ``value`` is not plain data (nested over ``max_depth`` deep, or a string holding a lone
+    surrogate), as ``"<path>: <what>"``; None when it is plain."""
     stack: list[tuple[Any, str, int]] = [(value, "", 0)]
     while stack:
         node, path, depth = stack.pop()
         if isinstance(node, str):
-            _check_text(node, where, path, error)
+            if (problem := _text_problem(node, path)) is not None:
+                return problem
         elif isinstance(node, dict | list):
             if depth >= max_depth:
-                raise error(f"{where}: {path or 'top level'}: nested more than {max_depth} levels deep")
+                return f"{path or 'top level'}: nested more than {max_depth} levels deep"
             items = node.items() if isinstance(node, dict) else enumerate(node)
             for key, item in items:
-                if isinstance(key, str):
-                    _check_text(key, where, path, error)
+                if isinstance(key, str) and (problem := _text_problem(key, path)) is not None:
+                    return problem
                 stack.append((item, _child(path, key, isinstance(node, list)), depth + 1))
+    return None
+
+
+def check_plain(value: Any, where: str, max_depth: int = MAX_DEPTH, error: type[UserError] = UserError) -> Any:
+    """``value`` if it is nested at most ``max_depth`` deep and its strings are valid Unicode
+    (no lone surrogates); else a one-line UserError naming ``where`` and the offending path."""
+    problem = plain_problem(value, max_depth)
+    if problem is not None:
+        raise error(f"{where}: {problem}")
+    return value
+
+
+class BadJSONLine(ValueError):
+    """One line of a JSONL input that is not usable JSON; the message is the reason alone (the
+    caller adds ``FILE:LINE``)."""
+
+
+def loads_line(line: str) -> Any:
+    """``json.loads`` for one line of a JSONL input, every failure a :class:`BadJSONLine`: broken
+    JSON, nesting deep enough to exhaust the stack, integers over 4,300 digits, lone surrogates."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise BadJSONLine(f"broken JSON: {err.msg.removesuffix(' at')} (column {err.colno})") from None
+    except RecursionError:
+        raise BadJSONLine("broken JSON: nested too deeply") from None
+    except ValueError as err:  # e.g. an integer beyond the 4,300-digit conversion limit
+        raise BadJSONLine(f"unreadable JSON ({_first_line(str(err))})") from None
+    problem = plain_problem(value)
+    if problem is not None:
+        raise BadJSONLine(problem.removeprefix("top level: "))
     return value
 
 
@@ -49,12 +81,13 @@ def _child(path: str, key: Any, in_list: bool) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def _check_text(text: str, where: str, path: str, error: type[UserError]) -> None:
+def _text_problem(text: str, path: str) -> str | None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
         at = f"{path}: " if path else ""
-        raise error(f"{where}: {at}string holds a lone surrogate ({text[err.start]!r}); expected valid Unicode") from None
+        return f"{at}string holds a lone surrogate ({text[err.start]!r}); expected valid Unicode"
+    return None
 
 
 def parse_json(text: str | bytes, where: str, error: type[UserError] = UserError) -> Any:

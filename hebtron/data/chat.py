@@ -25,7 +25,6 @@ counts them (or stops at the first in strict mode) and applies the over-long pol
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -37,6 +36,7 @@ import numpy as np
 
 from hebtron.lang import UNKNOWN_LANG, lang_id
 from hebtron.errors import UserError
+from hebtron.jsonio import BadJSONLine, loads_line
 
 ROLES = ("system", "user", "assistant")
 TrainOn = Literal["all", "last"]
@@ -256,11 +256,12 @@ def _jsonl_records(path: Path) -> Iterator[tuple[Any, str]]:
             if not raw.strip():
                 continue
             try:
-                yield json.loads(raw.decode("utf-8")), where
-            except UnicodeDecodeError:
-                yield BadExample("bad_record", "not valid UTF-8"), where
-            except json.JSONDecodeError as err:
-                yield BadExample("bad_record", f"broken JSON: {err.msg} (column {err.colno})"), where
+                record = loads_line(raw.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                record = BadExample("bad_record", f"not valid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})")
+            except BadJSONLine as err:
+                record = BadExample("bad_record", str(err))
+            yield record, where
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[Any, str]]:
@@ -273,12 +274,31 @@ def _parquet_records(path: Path) -> Iterator[tuple[Any, str]]:
     names = pf.schema_arrow.names
     if "messages" not in names:
         raise UserError(f"{path}: no 'messages' column (columns: {', '.join(names)})")
+    _check_messages_type(path, pf.schema_arrow.field("messages").type)
     columns = ["messages"] + (["lang"] if "lang" in names else [])
     row = 0
     for batch in pf.iter_batches(columns=columns, batch_size=1024):
         for rec in batch.to_pylist():
             row += 1
             yield rec, f"{path}:row {row}"
+
+
+def _check_messages_type(path: Path, kind: Any) -> None:
+    """A 'messages' column must hold lists of structs (role, content); a column of another type
+    would have every row dropped one by one, so it is refused up front, naming the type."""
+    import pyarrow as pa
+
+    expected = "expected a list of {role: string, content: string} structs"
+    if not ((pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_struct(kind.value_type)):
+        raise UserError(f"{path}: column 'messages' has type {kind}; {expected}")
+    struct = kind.value_type
+    for name in ("role", "content"):
+        index = struct.get_field_index(name)
+        if index < 0:
+            raise UserError(f"{path}: column 'messages' has no field {name!r} ({struct}); {expected}")
+        field_type = struct.field(index).type
+        if not (pa.types.is_string(field_type) or pa.types.is_large_string(field_type) or pa.types.is_null(field_type)):
+            raise UserError(f"{path}: column 'messages': field {name!r} has type {field_type}; {expected}")
 
 
 def _dataset_records(path: Path) -> Iterator[tuple[Any, str]]:

@@ -136,20 +136,28 @@ def _pack(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from hebtron.data.tokenizer import train_tokenizer
+    from hebtron.data.tokenizer import TextStats, train_tokenizer
 
-    tok = train_tokenizer(args.input, args.vocab_size, args.out, min_frequency=args.min_frequency)
-    print(f"{args.out}: byte-level BPE, {len(tok):,} tokens; bos={tok.bos_token_id} eos={tok.eos_token_id} "
-          f"pad={tok.pad_token_id} unk={tok.unk_token_id}")
+    stats = TextStats()
+    tok = train_tokenizer(args.input, args.vocab_size, args.out, min_frequency=args.min_frequency, stats=stats)
+    print(f"{args.out}: byte-level BPE, {len(tok):,} tokens, trained on {stats.texts:,} texts; "
+          f"bos={tok.bos_token_id} eos={tok.eos_token_id} pad={tok.pad_token_id} unk={tok.unk_token_id}")
+    if stats.skipped:
+        print(f"  {stats.summary()}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from hebtron.data.tokenizer import tokenizer_report
+    import sys
 
-    rows = tokenizer_report(args.text, args.tokenizers)
-    if args.json:
+    from hebtron.data.tokenizer import TextStats, tokenizer_report
+
+    stats = TextStats()
+    rows = tokenizer_report(args.text, args.tokenizers, stats)
+    if args.json:  # stdout stays one JSON document; what was skipped goes beside it
         print(json.dumps(rows, ensure_ascii=False, indent=2))
+        if stats.skipped:
+            print(f"note: {stats.summary()}", file=sys.stderr)
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -163,4 +171,6 @@ def _report(args: argparse.Namespace) -> int:
         table.add_row(r["tokenizer"], f"{r['vocab_size']:,}", f"{r['tokens']:,}", f"{r['tokens_per_word']:.2f}",
                       f"{r['chars_per_token']:.2f}", f"{r['bytes_per_token']:.2f}")
     Console().print(table)
+    if stats.skipped:
+        print(stats.summary())
     return 0

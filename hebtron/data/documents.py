@@ -9,12 +9,12 @@ corpus hides broken upstream exports.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hebtron.jsonio import BadJSONLine, loads_line
 from hebtron.lang import lang_id
 from hebtron.errors import UserError
 
@@ -65,9 +65,9 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[Any, Any, str]]:
             if not line.strip():
                 continue  # blank lines (a trailing newline, say) are not documents
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{where}: broken JSON: {err.msg.removesuffix(' at')} (column {err.colno})") from None
+                rec = loads_line(line)
+            except BadJSONLine as err:
+                raise UserError(f"{where}: {err}") from None
             if not isinstance(rec, dict):
                 raise UserError(f"{where}: expected a JSON object with a 'text' field, got {type(rec).__name__}")
             yield rec.get("text"), rec.get("lang"), where

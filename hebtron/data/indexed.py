@@ -26,6 +26,7 @@ import numpy as np
 from hebtron.data.documents import ReadStats, iter_documents
 from hebtron.lang import LANG_IDS, lang_name
 from hebtron.errors import UserError
+from hebtron.jsonio import read_json_object
 
 EOS_TOKEN = "</s>"
 
@@ -97,7 +98,9 @@ def open_indexed(prefix: str | Path) -> IndexedTokens:
 def read_meta(prefix: str | Path) -> dict[str, Any]:
     """The ``PREFIX.meta.json`` sidecar (empty dict when the dataset came from elsewhere)."""
     path = Path(f"{prefix}.meta.json")
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    return read_json_object(path, "dataset metadata sidecar (PREFIX.meta.json)")
 
 
 def read_langs(prefix: str | Path, n_docs: int) -> np.ndarray:
@@ -105,7 +108,13 @@ def read_langs(prefix: str | Path, n_docs: int) -> np.ndarray:
     path = Path(f"{prefix}.lang.npy")
     if not path.exists():
         return np.full(n_docs, -1, dtype=np.int16)
-    langs = np.load(path, allow_pickle=False)
+    try:
+        langs = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:  # damaged, or an object array (a pickle): never loaded
+        raise UserError(f"{path}: not a language-id array (.npy of int16 written by hebtron data prepare: "
+                        f"{' '.join(str(err).split())[:200]})") from None
+    if not isinstance(langs, np.ndarray) or langs.dtype.kind not in "iu":
+        raise UserError(f"{path}: expected an integer array of language ids, got {getattr(langs, 'dtype', type(langs))}")
     if langs.shape != (n_docs,):
         raise UserError(f"{path}: holds {langs.shape[0]} language ids for {n_docs} documents")
     return langs
@@ -138,6 +147,10 @@ def prepare(
 
     check_tokenizer_spec(tokenizer)  # cheap; the full load waits until the data is known good
     out_prefix = Path(out_prefix)
+    blocker = next((p for p in (out_prefix.parent, *out_prefix.parent.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"--out {out_prefix}: {blocker} is a file, not a directory; expected an output prefix "
+                        "in a directory (PREFIX.bin, PREFIX.idx)")
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     stats = ReadStats()
 

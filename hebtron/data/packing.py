@@ -34,6 +34,7 @@ import torch
 from hebtron.data.chat import REASONS, ChatStats, Encoded
 from hebtron.lang import UNKNOWN_LANG
 from hebtron.errors import UserError
+from hebtron.jsonio import parse_json
 
 LossAverage = Literal["token", "sample"]
 DEFAULT_BUFFER = 20_000
@@ -337,7 +338,12 @@ def packed_meta(path: str | Path) -> dict[str, Any] | None:
     except Exception as err:  # damaged or not Parquet
         raise UserError(f"{path}: not a readable Parquet file ({err})") from None
     raw = kv.get(PARQUET_KEY)
-    return json.loads(raw) if raw else None
+    if not raw:
+        return None
+    meta = parse_json(raw, f"{path}: Parquet metadata {PARQUET_KEY.decode()}")
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: Parquet metadata {PARQUET_KEY.decode()}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def read_packed_parquet(path: str | Path) -> PackedRows:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from hebtron.data.documents import SUPPORTED
 from hebtron.errors import UserError
+from hebtron.jsonio import BadJSONLine, loads_line
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,9 @@ def _jsonl(path: Path, field: str, skip_empty: bool) -> Iterator[Entry]:
                 yield Entry("blank", where, path.stem)
                 continue
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{where}: broken JSON: {err.msg} (column {err.colno})") from None
+                rec = loads_line(line)
+            except BadJSONLine as err:
+                raise UserError(f"{where}: {err}") from None
             if not isinstance(rec, dict):
                 raise UserError(f"{where}: expected a JSON object with a {field!r} field, got {type(rec).__name__}")
             yield _entry(rec, where, path.stem, field, skip_empty, line.rstrip("\r\n"))

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from hebtron.checkpoints import tokenizer_dir
 from hebtron.errors import UserError
+from hebtron.jsonio import BadJSONLine, loads_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -31,37 +32,84 @@ UNK, BOS, EOS, PAD, IM_START, IM_END = SPECIAL_TOKENS
 TEKKEN = "tekken"
 
 
-def iter_texts(paths: Sequence[str | Path]) -> Iterator[str]:
-    """Texts of ``.jsonl`` files (field ``text``) or plain-text files (one text per line)."""
+@dataclass
+class TextStats:
+    """What :func:`iter_texts` read, and the JSONL records it skipped for want of a usable
+    ``text`` (missing, not a string, empty): counted and reported, never dropped silently."""
+
+    texts: int = 0
+    skipped: int = 0
+    first_skipped: str = ""  # "FILE:LINE: why" of the first one
+
+    def skip(self, where: str, why: str) -> None:
+        self.skipped += 1
+        self.first_skipped = self.first_skipped or f"{where}: {why}"
+
+    def summary(self) -> str | None:
+        """One line for the report, or None when nothing was skipped."""
+        if not self.skipped:
+            return None
+        return (f"skipped {self.skipped:,} of {self.texts + self.skipped:,} records without a usable 'text' "
+                f"(first: {self.first_skipped})")
+
+
+def _record_text(rec: Any, where: str, stats: TextStats) -> str | None:
+    if not isinstance(rec, dict):
+        raise UserError(f"{where}: expected a JSON object with a 'text' field, got {type(rec).__name__}")
+    text = rec.get("text")
+    if text is None:
+        stats.skip(where, "field 'text' is missing")
+    elif not isinstance(text, str):
+        stats.skip(where, f"field 'text' must be a string, got {type(text).__name__}")
+    elif not text:
+        stats.skip(where, "field 'text' is empty")
+    else:
+        return text
+    return None
+
+
+def iter_texts(paths: Sequence[str | Path], stats: TextStats | None = None) -> Iterator[str]:
+    """Texts of ``.jsonl`` files (field ``text``) or plain-text files (one text per line).
+
+    A JSONL record without a usable ``text`` is skipped and counted in ``stats``; a line that is
+    not UTF-8 or not a JSON object stops the run with one line naming the file and line."""
+    stats = TextStats() if stats is None else stats
     for path in map(Path, paths):
         if not path.is_file():
             raise UserError(f"{path}: no such file")
-        with open(path, encoding="utf-8", errors="strict") as f:
-            try:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise UserError(f"{where}: not valid UTF-8 (byte {raw[err.start]:#04x} at column "
+                                    f"{err.start + 1})") from None
+                if not line.strip():
+                    continue
+                if path.suffix == ".jsonl":
+                    try:
+                        text = _record_text(loads_line(line), where, stats)
+                    except BadJSONLine as err:
+                        raise UserError(f"{where}: {err}") from None
+                    if text is None:
                         continue
-                    if path.suffix == ".jsonl":
-                        try:
-                            text = json.loads(line).get("text")
-                        except (ValueError, AttributeError) as err:
-                            raise UserError(f"{path}:{lineno}: broken JSON line ({err})") from None
-                        if isinstance(text, str) and text:
-                            yield text
-                    else:
-                        yield line.rstrip("\n")
-            except UnicodeDecodeError as err:
-                raise UserError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+                else:
+                    text = line.rstrip("\r\n")
+                stats.texts += 1
+                yield text
 
 
 def train_tokenizer(
-    inputs: Sequence[str | Path], vocab_size: int, out: str | Path, min_frequency: int = 2
+    inputs: Sequence[str | Path], vocab_size: int, out: str | Path, min_frequency: int = 2,
+    stats: TextStats | None = None,
 ) -> Any:
     """Train a byte-level BPE on ``inputs`` and save it as a transformers tokenizer dir.
 
     NFC normalization is part of the tokenizer, digits are split one per token (numbers
     tokenize consistently), and all 256 bytes are in the vocabulary, so nothing maps to
-    ``<unk>``. Returns the ``PreTrainedTokenizerFast``.
+    ``<unk>``. Returns the ``PreTrainedTokenizerFast``. ``stats`` counts the records read and
+    skipped (:class:`TextStats`), for the caller to report.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -83,9 +131,11 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    texts = list(iter_texts(inputs))
+    stats = TextStats() if stats is None else stats
+    texts = list(iter_texts(inputs, stats))
     if not texts:
-        raise UserError(f"no text found in {', '.join(map(str, inputs))}")
+        skipped = f"; {stats.summary()}" if stats.skipped else ""
+        raise UserError(f"no text found in {', '.join(map(str, inputs))}{skipped}")
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     for i, name in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(name) == i, f"special token {name} landed on {tok.token_to_id(name)}"
@@ -267,9 +317,13 @@ def measure(tok: TextTokenizer, texts: Sequence[str], batch: int = 256) -> Compr
     )
 
 
-def tokenizer_report(text_files: Sequence[str | Path], tokenizers: Iterable[str]) -> list[dict[str, Any]]:
-    """One :class:`Compression` row (as a dict) per tokenizer, on the same texts."""
-    texts = list(iter_texts(text_files))
+def tokenizer_report(text_files: Sequence[str | Path], tokenizers: Iterable[str],
+                     stats: TextStats | None = None) -> list[dict[str, Any]]:
+    """One :class:`Compression` row (as a dict) per tokenizer, on the same texts; ``stats``
+    counts the records read and skipped."""
+    stats = TextStats() if stats is None else stats
+    texts = list(iter_texts(text_files, stats))
     if not texts:
-        raise UserError(f"no text found in {', '.join(map(str, text_files))}")
+        skipped = f"; {stats.summary()}" if stats.skipped else ""
+        raise UserError(f"no text found in {', '.join(map(str, text_files))}{skipped}")
     return [asdict(measure(load_tokenizer(spec), texts)) for spec in tokenizers]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hebtron.errors import UserError
+from hebtron.jsonio import check_plain
 from hebtron.eval.arena_gate import combine, render_verdicts
 from hebtron.eval.config import Policy, TaskRule
 
@@ -69,15 +70,21 @@ def read_results(path: str | Path) -> tuple[dict[str, Any] | None, str | None]:
     if not path.exists():
         raise UserError(f"{path}: no such results file")
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as err:
-        return None, f"{path}: unreadable ({err})"
-    if not text.strip():
+        return None, f"{path}: unreadable ({err.strerror or err})"
+    if not raw.strip():
         return None, f"{path}: empty file (the evaluation wrote nothing)"
     try:
-        data = json.loads(text)
-    except ValueError as err:
-        return None, f"{path}: not JSON ({err}); the evaluation probably died while writing"
+        data = check_plain(json.loads(raw.decode("utf-8")), str(path))
+    except UnicodeDecodeError as err:
+        return None, f"{path}: not UTF-8 text (bad byte at offset {err.start}); the evaluation probably died while writing"
+    except RecursionError:
+        return None, f"{path}: not JSON (nested too deeply)"
+    except ValueError as err:  # not JSON, or integers over 4,300 digits
+        return None, f"{path}: not JSON ({str(err).split(';')[0]}); the evaluation probably died while writing"
+    except UserError as err:  # nested over check_plain's depth, or lone surrogates
+        return None, str(err)
     if not isinstance(data, dict):
         return None, f"{path}: expected a JSON object with 'results'"
     meta = data.get("hebtron") or {}

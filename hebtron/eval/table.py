@@ -21,6 +21,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from hebtron.errors import UserError
+from hebtron.jsonio import read_json_object
 from hebtron.eval.run_results import suite_tag
 
 
@@ -31,12 +32,15 @@ def collect(run_dir: str | Path) -> list[dict[str, Any]]:
         raise UserError(f"{run_dir}: no such run directory")
     rows = []
     for path in sorted(run_dir.rglob("*.gate.json")):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise UserError(f"{path}: unreadable gate verdict ({err})") from None
-        cand = data.get("candidate") or {}
-        values = {f"{c['task']} {c['metric'].removesuffix(',none')}": c.get("candidate") for c in data.get("checks", [])}
+        data = read_json_object(path, "gate verdict (.gate.json)")
+        cand, checks = data.get("candidate") or {}, data.get("checks", [])
+        if not isinstance(cand, dict):
+            raise UserError(f"{path}: candidate: expected an object, got {type(cand).__name__}")
+        if not isinstance(checks, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("task"), str) and isinstance(c.get("metric"), str) for c in checks):
+            raise UserError(f"{path}: checks: expected a list of objects with string task and metric (as "
+                            "`hebtron eval gate` writes)")
+        values = {f"{c['task']} {c['metric'].removesuffix(',none')}": c.get("candidate") for c in checks}
         rows.append({
             "file": str(path),
             "checkpoint": cand.get("checkpoint") or cand.get("path", str(path)),

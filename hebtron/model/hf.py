@@ -21,7 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hebtron.errors import CheckpointError
+from hebtron.errors import CheckpointError, UserError
+from hebtron.jsonio import read_json_object
 from hebtron.model.config import HybridConfig
 from hebtron.model.decoder import HybridModel
 
@@ -39,11 +40,7 @@ class _SafetensorsDir:
         self.path = path
         index = path / INDEX_NAME
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise CheckpointError(f"{index}: not a safetensors index (expected a 'weight_map' object): {err}") from None
-            files = {name: path / fname for name, fname in weight_map.items()}
+            files = self._index(index)
         else:
             shards = sorted(path.glob("*.safetensors"))
             if not shards:
@@ -53,6 +50,22 @@ class _SafetensorsDir:
                 for name in self._keys(shard):
                     files[name] = shard
         self.files = {_canonical(name): (f, name) for name, f in files.items()}
+
+    @staticmethod
+    def _index(index: Path) -> dict[str, Path]:
+        """Tensor name -> shard file of ``model.safetensors.index.json``; one line naming the
+        index and ``weight_map`` when it is not an object of names to files in this directory."""
+        weight_map = read_json_object(index, "safetensors index", CheckpointError).get("weight_map")
+        if not isinstance(weight_map, dict):
+            got = "missing" if weight_map is None else f"got {type(weight_map).__name__}"
+            raise CheckpointError(f"{index}: weight_map: expected an object of tensor name -> shard file, {got}")
+        files: dict[str, Path] = {}
+        for name, fname in weight_map.items():
+            if not isinstance(fname, str) or not fname or Path(fname).name != fname:
+                raise CheckpointError(f"{index}: weight_map[{name!r}]: expected a shard file name in "
+                                      f"{index.parent}, got {str(fname)[:80]!r}")
+            files[name] = index.parent / fname
+        return files
 
     @staticmethod
     def _keys(shard: Path) -> list[str]:
@@ -187,6 +200,10 @@ def save_hf(
     checkpoint under ``path``. Shards with an index when larger than ``max_shard_bytes``.
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():  # never replace a file the user has with a directory
+        raise UserError(f"{path}: exists and is not a directory; expected an output directory for the HF checkpoint")
+    if any(p.is_file() for p in path.parents):
+        raise UserError(f"{path}: {next(p for p in path.parents if p.is_file())} is a file, not a directory")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -60,4 +60,7 @@ def recipe_data(recipe: Recipe) -> dict[str, Any]:
 
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML; loading it again gives the same recipe."""
-    return yaml.safe_dump(recipe_data(recipe), sort_keys=False, allow_unicode=True)
+    # libyaml's emitter where PyYAML has it: the same text, ~4x faster on recipes with tens of
+    # thousands of keys (model.init may carry any Hugging Face config field)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    return yaml.dump(recipe_data(recipe), Dumper=dumper, sort_keys=False, allow_unicode=True)

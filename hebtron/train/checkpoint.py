@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -70,6 +71,7 @@ from hebtron.checkpoints import (
     write_manifest,
     write_text_synced,
 )
+from hebtron.jsonio import parse_json
 from hebtron.errors import CheckpointError, StorageError
 from hebtron.train.storage import free_bytes, previous_checkpoint_bytes, room_error, storage_error
 
@@ -476,11 +478,15 @@ def load_checkpoint(
     try:
         with safe_open(str(model_file), framework="pt", device=str(device)) as f:
             model_state = {k: f.get_tensor(k) for k in f.keys()}
-            aliases = json.loads((f.metadata() or {}).get("hebtron_aliases", "{}"))
+            raw_aliases = (f.metadata() or {}).get("hebtron_aliases", "{}")
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{model_file}: unreadable safetensors file ({exc})") from exc
+    aliases = parse_json(raw_aliases, f"{model_file}: metadata hebtron_aliases", CheckpointError)
+    if not isinstance(aliases, dict):
+        raise CheckpointError(f"{model_file}: metadata hebtron_aliases: expected an object of alias -> tensor name, "
+                              f"got {type(aliases).__name__}")
     for alias, target in aliases.items():
-        if target not in model_state:
+        if not isinstance(target, str) or target not in model_state:
             raise CheckpointError(
                 f"{model_file}: alias {alias!r} points to missing tensor {target!r}")
         model_state[alias] = model_state[target]
@@ -494,8 +500,21 @@ def load_checkpoint(
         try:
             optimizer_state = torch.load(optim_file, map_location=device, weights_only=True)
         except Exception as exc:  # torch.load raises many types on damaged files
-            raise CheckpointError(f"{optim_file}: unreadable optimizer state ({exc})") from exc
+            raise CheckpointError(f"{optim_file}: unreadable optimizer state ({_load_failure(exc)})") from None
     return model_state, optimizer_state, extra
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a short clause: its own message is
+    paragraphs of advice (among them to load with weights_only=False, which would run the file's code)."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        reason = match.group(1).strip() if match else "not tensors and plain data"
+        reason = reason.split(" was not an allowed global")[0].split(". ")[0][:200]
+        return (f"damaged, or pickled objects beyond tensors and plain data: {reason}; hebtron reads optimizer "
+                "state with weights_only=True, never running code from a checkpoint")
+    return " ".join(text.split())[:300] or type(exc).__name__
 
 
 # --------------------------------------------------------------------------- RNG

@@ -329,32 +329,44 @@ class Trainer:
     def _restore_run_state(self, extra: dict[str, Any], where: Path) -> None:
         """Position, data, schedule, guards and RNG: what every engine's checkpoint carries. A
         field that is missing or misshaped is one line naming it (the file came from disk)."""
-        field = "extra"
+        at = ["extra"]
         try:
-            for field in ("tokens", "data", "schedule", "nan_guard", "rng"):
-                if field not in extra:
-                    raise KeyError(field)
-            field = "state"
-            self._load_run_state(extra)
+            for name in ("tokens", "data", "schedule", "nan_guard", "rng"):
+                if name not in extra:
+                    raise KeyError(name)
+            self._load_run_state(extra, at)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RuntimeError) as err:
             detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             if isinstance(err, KeyError):
                 detail = f"missing {detail}"
-            raise CheckpointError(f"{where / 'trainer_state.json'}: extra.{field}: unusable run state ({detail})") from None
+            label = "extra" if at[-1] == "extra" else f"extra.{at[-1]}"
+            raise CheckpointError(f"{where / 'trainer_state.json'}: {label}: unusable run state ({detail})") from None
 
-    def _load_run_state(self, extra: dict[str, Any]) -> None:
+    def _load_run_state(self, extra: dict[str, Any], at: list[str]) -> None:
+        """Restore from ``extra``; ``at[-1]`` names the field being read (for the error line)."""
+        at.append("step")
         self.step = int(extra["step"])
+        at.append("tokens")
         self.tokens = int(extra["tokens"])
+        at.append("data")
         self.data.load_state_dict(extra["data"])
+        at.append("schedule")
         self.schedule.load_state_dict(extra["schedule"])
+        at.append("nan_guard")
         self.nan_guard.load_state_dict(extra["nan_guard"])
         if self.early_kill is not None and extra.get("early_kill"):
+            at.append("early_kill")
             self.early_kill.load_state_dict(extra["early_kill"])
+        at.append("val_loss_start")
         self.val_loss_start = dict(extra.get("val_loss_start") or {})
         if extra.get("batch_size"):
+            at.append("batch_size")
             self.batch_policy.load_state_dict(extra["batch_size"])
+            at.append("noise")
             self.noise.load_state_dict(extra["noise"])
+            at.append("tokens_per_sequence")
             self._tokens_per_sequence = float(extra["tokens_per_sequence"])
+        at.append("rng")
         restore_rng(extra["rng"])
 
     # ------------------------------------------------------------------ helpers

@@ -63,11 +63,12 @@ def test_eval_every_renders_a_watch_job_instead_of_the_chained_evaluation(tmp_pa
     assert "#SBATCH --requeue\n" in script and "#SBATCH --signal=B:USR1@120\n" in script
     assert "--dependency" not in script and "afterok" not in script
     line = _watch_line(script)
-    for part in ('"$CKPT_DIR" --checkpoints "$CKPT_DIR"', '--suite "$SUITE"', '--every "$EVERY"', '--poll "$POLL"',
+    for part in ('eval watch "$RUN_DIR" --checkpoints "$CKPT_DIR"', '--suite "$SUITE"', '--every "$EVERY"', '--poll "$POLL"',
                  '--backend "$BACKEND"', '--until-job "$TRAIN_JOBID"', '"${select[@]}"', '"${tasks[@]}"'):
         assert part in line, part
-    values = _header(script, ["CKPT_DIR", "EVERY", "POLL", "BACKEND", "POLICY", "BASELINE"], tmp_path)
-    assert values == {"CKPT_DIR": str(tmp_path / "runs" / "demo" / "checkpoints"), "EVERY": "3", "POLL": "2.0",
+    values = _header(script, ["RUN_DIR", "CKPT_DIR", "EVERY", "POLL", "BACKEND", "POLICY", "BASELINE"], tmp_path)
+    assert values == {"RUN_DIR": str(tmp_path / "runs" / "demo"),
+                      "CKPT_DIR": str(tmp_path / "runs" / "demo" / "checkpoints"), "EVERY": "3", "POLL": "2.0",
                       "BACKEND": "hebtron", "POLICY": str(PROFILE_DIR.parent / "eval" / "suites" / "hebrew-mini.gate.yaml"),
                       "BASELINE": ""}  # trained from scratch: the watcher selects against its own default
     assert prepared.record["watch_job_id"] is None and prepared.record["eval"]["every"] == 3
@@ -96,8 +97,9 @@ def test_watch_job_values_stay_inert(tmp_path):
     prepared = prepare(_scratch_recipe(tmp_path, run_dir), _profile(tmp_path), [], eval_suite=f"suite {hostile}",
                        eval_policy=f"/p {hostile}", eval_baseline=f"/b {hostile}", eval_tasks_dirs=[f"/t {hostile}"],
                        eval_every=2, check_paths=False)
-    values = _header(prepared.watch_script, ["CKPT_DIR", "SUITE", "POLICY", "BASELINE", "TASKS_DIRS"], tmp_path)
-    assert values == {"CKPT_DIR": f"{run_dir}/checkpoints", "SUITE": f"suite {hostile}", "POLICY": f"/p {hostile}",
+    values = _header(prepared.watch_script, ["RUN_DIR", "CKPT_DIR", "SUITE", "POLICY", "BASELINE", "TASKS_DIRS"],
+                     tmp_path)
+    assert values == {"RUN_DIR": run_dir, "CKPT_DIR": f"{run_dir}/checkpoints", "SUITE": f"suite {hostile}", "POLICY": f"/p {hostile}",
                       "BASELINE": f"/b {hostile}", "TASKS_DIRS": f"/t {hostile}"}
     assert f"BASELINE_IS_RESULTS=0\n" in prepared.watch_script  # a model directory: evaluated first, in the job
     path = tmp_path / "hostile.watch.sbatch"

@@ -19,6 +19,7 @@ import yaml
 
 from tests.test_eval_fixtures import write_demo_corpus, write_suite
 from tests.test_slurm import REPO, cluster  # noqa: F401 - the module-scoped local Slurm fixture
+from hebtron.train.metrics import read_metrics
 from tests.train_fixtures import build_training_fixture, write_recipe
 
 pytestmark = pytest.mark.slow  # a real Slurm
@@ -64,6 +65,8 @@ def test_watch_job_beside_training_then_select_keep_and_jobs_show_the_best(clust
     state = json.loads((ckpt_dir / "eval-watch" / "tiny.json").read_text())
     assert state["evaluated"] == {"4": "ok", "8": "ok"} and state["final_step"] == 8
     assert watch_log.read_text().count("eval watch: step ") == 2, watch_log.read_text()
+    evals = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]  # beside the loss, in the run dir
+    assert [r["step"] for r in evals] == [4, 8] and all(r["suite"] == "tiny" for r in evals)
 
     for keep in ckpt_dir.glob("step_*/KEEP"):  # the watcher's own selection; select must write it again
         keep.unlink()

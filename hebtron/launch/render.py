@@ -86,6 +86,7 @@ def _context(spec: JobSpec) -> dict[str, Any]:
         "job_name": spec.job_name,
         "job_dir": spec.job_dir,
         "recipe": spec.recipe,
+        "run_dir": spec.run_dir,
         "ckpt_dir": spec.ckpt_dir,
         "workdir": spec.workdir,
         "venv": spec.venv,

@@ -148,3 +148,25 @@ def test_wandb_section_defaults_to_offline_and_to_none(tmp_path):
     recipe["logging"]["wandb"] = {"project": "p"}
     path.write_text(yaml.safe_dump(recipe))
     assert load_recipe(path, check_paths=False).logging.wandb == WandbSection(project="p", mode="offline")
+
+
+@pytest.mark.slow  # trains a tiny model for 4 steps
+def test_a_training_run_with_logging_wandb_logs_every_step(tmp_path_factory, tmp_path):
+    from hebtron.backends.engines import make_trainer
+    from hebtron.train.metrics import read_metrics
+    from tests.train_fixtures import build_training_fixture, write_recipe
+
+    fixture = build_training_fixture(tmp_path_factory.getbasetemp() / "train_fixture")
+    path = write_recipe(fixture, tmp_path / "run", total_steps=4, eval_interval=2)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["logging"]["wandb"] = {"project": "hebtron-test"}
+    path.write_text(yaml.safe_dump(recipe))
+    make_trainer(load_recipe(path)).run()
+    records = read_metrics(tmp_path / "run")
+    rows = _history(tmp_path / "run", "train")
+    assert [r["step"] for r in rows] == [r["step"] for r in records] == [1, 2, 3, 4]
+    for row, record in zip(rows, records):  # every number of every record: loss, noise scale, batch, val loss
+        numbers = flat_scalars(record)
+        assert {"loss", "global_batch", "noise/b_simple_tokens"} <= set(numbers)
+        assert {k: row.get(k) for k in numbers} == pytest.approx(numbers)
+    assert "val_loss" in rows[1] and "val_loss" not in rows[0]

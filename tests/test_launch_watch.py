@@ -101,7 +101,7 @@ def test_watch_job_values_stay_inert(tmp_path):
                      tmp_path)
     assert values == {"RUN_DIR": run_dir, "CKPT_DIR": f"{run_dir}/checkpoints", "SUITE": f"suite {hostile}", "POLICY": f"/p {hostile}",
                       "BASELINE": f"/b {hostile}", "TASKS_DIRS": f"/t {hostile}"}
-    assert f"BASELINE_IS_RESULTS=0\n" in prepared.watch_script  # a model directory: evaluated first, in the job
+    assert "BASELINE_IS_RESULTS=0\n" in prepared.watch_script  # a model directory: evaluated first, in the job
     path = tmp_path / "hostile.watch.sbatch"
     path.write_text(prepared.watch_script)
     subprocess.run(["bash", "-n", str(path)], check=True)

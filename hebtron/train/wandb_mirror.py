@@ -61,14 +61,14 @@ def flat_scalars(record: Mapping[str, Any], prefix: str = "") -> dict[str, float
 class WandbMirror:
     """One W&B run that receives the records of one writer (the trainer, or one suite's watcher)."""
 
-    def __init__(self, settings: Any, run_dir: str | Path, kind: str, config: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, settings: Any, run_dir: str | Path, kind: str) -> None:
         wandb = import_wandb()
         self.run_dir = Path(run_dir)
         (self.run_dir / WANDB_DIR).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=settings.project, entity=settings.entity, mode=settings.mode, dir=str(self.run_dir),
             id=run_id(self.run_dir, kind), name=f"{self.run_dir.name}/{kind}", group=self.run_dir.name,
-            job_type=kind.split("-")[0], resume="allow", config=dict(config or {}), reinit="create_new",
+            job_type=kind.split("-")[0], resume="allow", reinit="create_new",
         )
         self.run.define_metric(STEP_METRIC)
         self.run.define_metric("*", step_metric=STEP_METRIC)

@@ -28,6 +28,7 @@ whose process is gone (:func:`hebtron.train.checkpoint.clean_scratch`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from hebtron.errors import CheckpointError
+from hebtron.jsonio import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,10 @@ SHARDED_DIR = "dcp"  # a native FSDP2 step_N's torch.distributed.checkpoint (eve
 HF_CACHE_DIR = "hf"  # beside either: its Hugging Face conversion (hebtron.backends.hf_dirs)
 LATEST_FILE = "latest"
 FORMAT_VERSION = 1
+# Files a checkpoint holds that are pickles read by torch.distributed.checkpoint / megatron-core
+# (``.metadata``) or torch.load (``common.pt``): their sha256 goes into the manifest at save
+# time and is checked before they are read (:func:`pickle_problem`).
+PICKLED_FILES = (".metadata", "common.pt")
 # Files any one of which makes a directory a tokenizer directory (HF fast / slow, Mistral Tekken).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tekken.json")
 
@@ -125,15 +131,64 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"{manifest}: missing (checkpoint was not completely written)"
     try:
         files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"{manifest}: unreadable manifest ({exc})"
-    for fname, size in files.items():
+        listed = [(str(fname), int(size)) for fname, size in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        return f"{manifest}: unreadable manifest ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})"
+    for fname, size in listed:
         f = path / fname
-        if not f.is_file():
-            return f"{f}: missing (listed in {COMPLETE_FILE})"
-        if f.stat().st_size != size:
-            return f"{f}: size {f.stat().st_size} bytes, expected {size} (truncated or corrupt)"
+        try:
+            if not f.is_file():
+                return f"{f}: missing (listed in {COMPLETE_FILE})"
+            if f.stat().st_size != size:
+                return f"{f}: size {f.stat().st_size} bytes, expected {size} (truncated or corrupt)"
+        except (OSError, ValueError) as exc:
+            return f"{f}: unusable ({exc})"
     return None
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_manifest(directory: Path, step: int | None = None) -> dict[str, Any]:
+    """Write ``directory/COMPLETE``: every file under it with its size, and the sha256 of each
+    pickled file (:data:`PICKLED_FILES`), which vouches for it when it is read back. Last
+    write of a save; the caller renames the directory into place afterwards."""
+    files: dict[str, int] = {}
+    hashes: dict[str, str] = {}
+    for p in sorted(directory.rglob("*")):
+        if not p.is_file() or p.name == COMPLETE_FILE:
+            continue
+        rel = str(p.relative_to(directory))
+        files[rel] = p.stat().st_size
+        if p.name in PICKLED_FILES:
+            hashes[rel] = sha256_bytes(p.read_bytes())
+    manifest: dict[str, Any] = {"format": FORMAT_VERSION, "files": files, "sha256": hashes}
+    if step is not None:
+        manifest["step"] = step
+    write_text_synced(directory / COMPLETE_FILE, json.dumps(manifest))
+    return manifest
+
+
+def pickle_problem(path: Path, data: bytes) -> str | None:
+    """Why hebtron should not unpickle ``data`` read from ``path``, or None when a manifest
+    hebtron wrote (``COMPLETE`` in the file's directory or the one above: ``step_N/dcp/.metadata``)
+    lists the file with this sha256."""
+    for root in (path.parent, path.parent.parent):
+        manifest = root / COMPLETE_FILE
+        if not manifest.is_file():
+            continue
+        try:
+            recorded = json.loads(manifest.read_text(encoding="utf-8")).get("sha256") or {}
+        except (OSError, ValueError, AttributeError, RecursionError):
+            return f"{manifest} is unreadable"
+        rel = str(path.relative_to(root))
+        if not isinstance(recorded, dict) or rel not in recorded:
+            return f"{manifest} records no hash for {rel} (written before hebtron recorded them, or not by hebtron)"
+        if recorded[rel] != sha256_bytes(data):
+            return f"its sha256 differs from the one {manifest} recorded when hebtron wrote it (changed since)"
+        return None
+    return "no hebtron manifest (COMPLETE) vouches for it"
 
 
 def list_checkpoints(run_ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -149,6 +204,17 @@ def list_checkpoints(run_ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def read_pointer(pointer: Path) -> str | None:
+    """The step name a ``latest`` file holds; None when it is unreadable (binary, a directory,
+    permissions) or longer than any step name, so callers fall back instead of failing."""
+    try:
+        with open(pointer, "rb") as fh:
+            raw = fh.read(256)
+        return raw.decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def find_latest(run_ckpt_dir: str | os.PathLike) -> Path | None:
     """The checkpoint to resume from, or ``None`` if there is none. Changes nothing on disk.
 
@@ -160,8 +226,8 @@ def find_latest(run_ckpt_dir: str | os.PathLike) -> Path | None:
         return None
     pointer = root / LATEST_FILE
     if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8").strip()
-        if _STEP_DIR.match(name):
+        name = read_pointer(pointer)
+        if name is not None and _STEP_DIR.match(name):
             problem = checkpoint_problem(root / name)
             if problem is None:
                 return root / name
@@ -215,11 +281,16 @@ def live_leases(checkpoint: str | os.PathLike, now: float | None = None) -> list
 def read_trainer_state(checkpoint: Path) -> tuple[int, dict[str, Any]]:
     """``(step, extra)`` of a training checkpoint's ``trainer_state.json``; CheckpointError if unreadable."""
     state_file = checkpoint / STATE_FILE
+    state = read_json_object(state_file, "trainer state file", CheckpointError)
     try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-        return int(state["step"]), dict(state["extra"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{state_file}: unreadable trainer state ({exc})") from None
+        step, extra = state["step"], state["extra"]
+    except KeyError as exc:
+        raise CheckpointError(f"{state_file}: unreadable trainer state (no {exc} field)") from None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{state_file}: step: expected an integer >= 0, got {str(step)[:40]!r}")
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{state_file}: extra: expected an object, got {type(extra).__name__}")
+    return step, dict(extra)
 
 
 # --------------------------------------------------------------------------- what a path is

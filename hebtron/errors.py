@@ -18,3 +18,12 @@ class ConfigError(UserError):
 
 class CheckpointError(UserError):
     """A missing, incomplete or misshaped checkpoint (file and key named in the message)."""
+
+
+class StorageError(UserError):
+    """The disk refused a write (full, read-only, over quota): one line naming the path, the errno
+    text and the bytes needed vs free. Exit code 74 (``EX_IOERR``), beside 75 (stopped by a signal,
+    checkpoint saved: requeue) and 3 (aborted on purpose: do not resume): the run can continue
+    with ``--resume auto`` once there is room, and a launcher must not requeue it blindly."""
+
+    exit_code = 74

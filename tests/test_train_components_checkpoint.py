@@ -120,8 +120,8 @@ def test_failed_rename_keeps_previous_checkpoint(tmp_path: Path, monkeypatch) ->
         save(tmp_path, 2)
     monkeypatch.undo()
     assert find_latest(tmp_path) == tmp_path / "step_00000001"
-    assert (tmp_path / f"step_00000002.tmp-{scratch_tag()}").exists()
-    save(tmp_path, 3)  # the next save sweeps our own leftover
+    assert not (tmp_path / f"step_00000002.tmp-{scratch_tag()}").exists()  # the failed save removed its scratch
+    save(tmp_path, 3)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["latest", "step_00000001", "step_00000003"]
 

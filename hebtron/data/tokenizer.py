@@ -193,24 +193,48 @@ def load_tokenizer(spec: str | Path) -> TextTokenizer:
     else:
         path = Path(key)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from transformers import AutoTokenizer
-
-        result = HFTokenizer(path.name or key, AutoTokenizer.from_pretrained(str(path), local_files_only=True))
+        result = HFTokenizer(path.name or key, _auto_tokenizer(path, path))
     _CACHE[key] = result
     return result
 
 
-def load_hf_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """A local tokenizer directory, a file in one, or a checkpoint / checkpoints directory (the
-    tokenizer its run recorded); never remote code, never the hub."""
-    path = Path(path)
-    directory = tokenizer_dir(path)
+# Whether a tokenizer directory's own Python code (an ``auto_map`` in tokenizer_config.json) may
+# run: off unless the command line says ``--trust-remote-code`` (hebtron.cli). Passed to
+# transformers as an explicit False, so it never asks "Do you wish to run the custom code?".
+_remote_code_allowed = False
+
+
+def allow_remote_code(allowed: bool) -> None:
+    """``--trust-remote-code``: let tokenizer and model directories run their own code (this process)."""
+    global _remote_code_allowed
+    _remote_code_allowed = allowed
+
+
+def remote_code_allowed() -> bool:
+    return _remote_code_allowed
+
+
+def _auto_tokenizer(directory: Path, named: Path) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer`` on a local directory: never the hub, remote code only when allowed; a
+    directory it cannot load (or whose custom code it refuses) is one line naming ``named``."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot load tokenizer ({str(err).splitlines()[0]})") from None
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
+                                             trust_remote_code=_remote_code_allowed)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, ImportError) as err:
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        if "trust_remote_code" in reason or "custom code" in reason:
+            reason = (f"{directory} asks to run its own Python code (auto_map in its config), which hebtron "
+                      "does not do unless the command line says --trust-remote-code")
+        raise UserError(f"{named}: cannot load tokenizer ({reason})") from None
+
+
+def load_hf_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """A local tokenizer directory, a file in one, or a checkpoint / checkpoints directory (the
+    tokenizer its run recorded); never the hub, never remote code unless ``--trust-remote-code``."""
+    path = Path(path)
+    return _auto_tokenizer(tokenizer_dir(path), path)
 
 
 @dataclass(frozen=True)

@@ -104,8 +104,8 @@ def _run(args: argparse.Namespace) -> int:
                             include=args.include, log_samples=args.log_samples)
     except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - any failure must leave a crashed record
         write_json(args.out, crashed_payload(err, args.suite, args.checkpoint, args.backend))
-        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
-        print(f"wrote {args.out} (status: crashed)", file=sys.stderr)
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"error: {reason}; wrote {args.out} (status: crashed)", file=sys.stderr)
         if isinstance(err, KeyboardInterrupt):
             return 130
         return err.exit_code if isinstance(err, UserError) else 1

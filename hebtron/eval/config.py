@@ -42,6 +42,15 @@ class Suite(BaseModel):
     builtin_tasks: bool = Field(default=False, description="index lm-eval's own tasks too (slow: ~15 s)")
     model_args: dict[str, Any] = Field(default_factory=dict, description="extra model arguments")
 
+    @field_validator("model_args")
+    @classmethod
+    def _no_remote_code(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """A suite file is data: it cannot make the model directory's own code run."""
+        if "trust_remote_code" in value:
+            raise ValueError("trust_remote_code cannot be set in a suite file (a model directory's code would run); "
+                             "pass --trust-remote-code on the command line if you trust it")
+        return value
+
 
 class TaskRule(BaseModel):
     """One gated metric: how far it may fall from the baseline."""

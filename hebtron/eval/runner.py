@@ -43,6 +43,7 @@ def _model(backend: str, checkpoint: str | Path, tokenizer: str | Path | None, d
     import torch
 
     from hebtron.checkpoints import STATE_FILE
+    from hebtron.data.tokenizer import remote_code_allowed
     from hebtron.eval.source import resolve_source
 
     source = resolve_source(checkpoint, tokenizer)
@@ -60,13 +61,16 @@ def _model(backend: str, checkpoint: str | Path, tokenizer: str | Path | None, d
 
         model_dir = save_hf(load_hf(source.model_dir, dtype=None), scratch / "hf")
         load_hf_tokenizer(source.tokenizer_dir).save_pretrained(str(model_dir))
+    # only --trust-remote-code lets the model directory run its own code; a suite file cannot
+    # (hebtron.eval.config refuses the key, and it is set last here in any case)
+    trust = {"trust_remote_code": remote_code_allowed()}
     if backend == "vllm":  # vLLM picks its GPUs itself; the suite's model_args may set tensor_parallel_size
-        args = {"pretrained": str(model_dir), "dtype": dtype or "auto", "trust_remote_code": False}
-        return "vllm", args | extra | {"trust_remote_code": False}, source
+        args = {"pretrained": str(model_dir), "dtype": dtype or "auto"}
+        return "vllm", args | extra | trust, source
     if device in ("auto", "", None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    args = {"pretrained": str(model_dir), "device": device, "dtype": dtype or "auto", "trust_remote_code": False}
-    return "hf", args | extra, source
+    args = {"pretrained": str(model_dir), "device": device, "dtype": dtype or "auto"}
+    return "hf", args | extra | trust, source
 
 
 def require_backend(backend: str) -> None:

@@ -8,12 +8,13 @@ and lm-eval. Validation raises :class:`hebtron.errors.ConfigError` naming the fi
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hebtron.errors import ConfigError
+from hebtron.jsonio import read_json_object
 
 # Layer symbols of ``hybrid_override_pattern`` and the HF ``layers_block_type`` names.
 LAYER_SYMBOLS: dict[str, str] = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
@@ -32,6 +33,20 @@ _ALIASES: dict[str, str] = {
     "mamba_conv_bias": "use_conv_bias",
     "num_local_experts": "n_routed_experts",
 }
+
+
+# Integer fields that may be 0 (token ids, counts of optional parts); every other one is a size > 0.
+_MAY_BE_ZERO = frozenset({"pad_token_id", "bos_token_id", "eos_token_id", "n_shared_experts"})
+_MAX_INT = 2**31 - 1  # far above any real size or token id; far below what would exhaust memory
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass
@@ -121,6 +136,7 @@ class HybridConfig:
             if not cond:
                 raise ConfigError(f"model config: {fld}: {msg}")
 
+        self._check_types(need)
         pattern = self.hybrid_override_pattern
         need(isinstance(pattern, str) and len(pattern) > 0, "hybrid_override_pattern", "expected a non-empty string")
         for i, sym in enumerate(pattern):
@@ -187,6 +203,30 @@ class HybridConfig:
                     "expected a positive integer when n_shared_experts > 0",
                 )
 
+    def _check_types(self, need: Any) -> None:
+        """Every field has its declared type before any arithmetic on it: ints are ints (a bool
+        or 64.0 is not a width), floats are finite numbers, strings strings, bools bools."""
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value, kinds = getattr(self, f.name), str(f.type)
+            if value is None and "None" in kinds:
+                continue
+            if kinds.startswith("int | list[int]") and isinstance(value, list):
+                need(all(_is_int(v) and v >= 0 for v in value), f.name, f"expected token ids (integers >= 0), got {_show(value)}")
+            elif kinds.startswith("int"):
+                lowest = 0 if f.name in _MAY_BE_ZERO else 1
+                need(_is_int(value) and value >= lowest, f.name,
+                     f"expected an integer >= {lowest} (not a bool or a float), got {_show(value)}")
+                need(value <= _MAX_INT, f.name, f"expected at most {_MAX_INT:,}, got {_show(value)}")
+            elif kinds.startswith("float"):
+                need(isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value),
+                     f.name, f"expected a finite number, got {_show(value)}")
+            elif kinds.startswith("bool"):
+                need(isinstance(value, bool), f.name, f"expected true or false, got {_show(value)}")
+            elif kinds.startswith("str"):
+                need(isinstance(value, str), f.name, f"expected a string, got {_show(value)}")
+
     # ---------------------------------------------------------------- HF interop
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "model config") -> "HybridConfig":
@@ -234,14 +274,7 @@ class HybridConfig:
     @classmethod
     def from_json_file(cls, path: str | Path) -> "HybridConfig":
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
+        raw = read_json_object(path, "model config (config.json)", ConfigError)
         return cls.from_dict(raw, source=str(path))
 
     def num_parameters(self) -> int:

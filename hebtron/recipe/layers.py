@@ -29,6 +29,9 @@ class Layers:
     top: str  # the recipe named on the command line, as the user wrote it
     origins: dict[Loc, str] = field(default_factory=dict)
     dirs: dict[str, Path] = field(default_factory=dict)  # file label -> its directory
+    # loc -> the locs one level below it that hold origins (or lead to some): forget() walks only
+    # the subtree it drops, so recording a section of 30,000 keys stays linear, not quadratic
+    _below: dict[Loc, set[Loc]] = field(default_factory=dict, repr=False)
 
     def base_dir(self, loc: Loc) -> Path | None:
         """The directory relative paths at ``loc`` are resolved against (None: the cwd)."""
@@ -44,17 +47,40 @@ class Layers:
 
     def forget(self, loc: Loc) -> None:
         """Drop the origins of ``loc`` and everything under it."""
-        n = len(loc)
-        for key in [k for k in self.origins if k[:n] == loc]:
-            del self.origins[key]
+        stack = [tuple(loc)]
+        while stack:
+            here = stack.pop()
+            self.origins.pop(here, None)
+            stack.extend(self._below.pop(here, ()))
+        if loc:
+            siblings = self._below.get(tuple(loc[:-1]))
+            if siblings is not None:
+                siblings.discard(tuple(loc))
 
     def record(self, value: Any, label: str, loc: Loc) -> None:
         """``label`` set ``value`` at ``loc``: remember it for each leaf under ``loc``."""
+        loc = tuple(loc)
         self.forget(loc)
-        self.origins[loc] = label
-        if isinstance(value, dict):
-            for key, item in value.items():
-                self.record(item, label, (*loc, key))
+        for end in range(len(loc), 0, -1):  # link loc under each ancestor (stop where linked already)
+            parent, child = loc[: end - 1], loc[:end]
+            linked = self._below.setdefault(parent, set())
+            if child in linked:
+                break
+            linked.add(child)
+        self._record_fresh(value, label, loc)
+
+    def _record_fresh(self, value: Any, label: str, loc: Loc) -> None:
+        """:meth:`record` below a ``loc`` that was just forgotten (nothing under it to drop)."""
+        stack = [(value, loc)]
+        while stack:
+            node, here = stack.pop()
+            self.origins[here] = label
+            if isinstance(node, dict):
+                children = self._below.setdefault(here, set())
+                for key, item in node.items():
+                    child = (*here, key)
+                    children.add(child)
+                    stack.append((item, child))
 
 
 def merge(layers: Layers, base: dict[str, Any], child: dict[str, Any], label: str, loc: Loc = ()) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any, get_origin
 from pydantic import BaseModel
 
 from hebtron.errors import UserError
-from hebtron.recipe.hints import did_you_mean, kind
+from hebtron.recipe.hints import did_you_mean, kind, preview
 from hebtron.recipe.layers import Layers, Loc
 from hebtron.recipe.walk import UNKNOWN, field_type, is_model, strip
 from hebtron.recipe.yamlio import fresh_tree, parse_yaml
@@ -29,7 +29,7 @@ def parse_override(text: Any) -> tuple[list[str], Any, str]:
     """``"a.b=v"`` -> (``["a", "b"]``, parsed ``v``, label for messages)."""
     if not isinstance(text, str):
         raise UserError(f"override {text!r}: expected a string key=value")
-    label = f"override {text!r}"
+    label = f"override {preview(text, 100)}"
     if "=" not in text:
         raise UserError(f"{label}: expected key=value, e.g. train.lr=3e-4")
     key, raw = text.split("=", 1)

@@ -132,7 +132,24 @@ def _input(value: Any, info: ValidationInfo) -> Any:
 
 
 def _output(value: Any, info: ValidationInfo) -> Any:
-    return resolve_field(value, info, "path", None)
+    resolved = resolve_field(value, info, "path", None)
+    if isinstance(resolved, Path):
+        blocker = file_in_the_way(resolved)
+        if blocker is not None:
+            what = "is a file" if blocker == resolved else f"lies under the file {blocker}"
+            raise ValueError(f"output directory {str(resolved)!r} {what}; expected a directory (or a new path)")
+    return resolved
+
+
+def file_in_the_way(directory: Path) -> Path | None:
+    """The existing non-directory at ``directory`` or above it, which makes it impossible to
+    create: found when the recipe is read, not after hours of training at the first save."""
+    for path in (directory, *directory.parents):
+        if safely(Path.is_dir, path):
+            return None
+        if safely(Path.exists, path) or safely(Path.is_symlink, path):
+            return path
+    return None
 
 
 # A file or directory the run reads (tokenizer, checkpoint): must exist when paths are checked.

@@ -29,6 +29,7 @@ from hebtron.lang import LANG_IDS
 from hebtron.recipe.hints import did_you_mean
 from hebtron.recipe.paths import InputPath, MissingPath, OutputPath, indexed_exists, resolve_field, safely
 from hebtron.recipe.units import DecayLength, TokenCount, format_tokens
+from hebtron.recipe.walk import strip
 
 Loc = tuple[str | int, ...]
 
@@ -65,10 +66,30 @@ Lang = Annotated[str, AfterValidator(_lang)]
 PositiveTokens = Annotated[TokenCount, Field(gt=0)]
 
 
+# Bounds on sizes, so that what training cannot use is refused when the recipe is read, before
+# any work: far above any real run (Nemotron 3 Nano: 1,536 x 8k per step), far below sizes whose
+# bookkeeping alone would exhaust memory (a global batch of 1e12 is a list of 1e12 picks).
+MAX_SEQUENCES = 2**22  # sequences in one optimizer step
+MAX_SEQ_LEN = 2**24  # tokens in one sequence (16M)
+MAX_STEP_TOKENS = 2**36  # tokens in one optimizer step (69B)
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+MAX_LR = 1.0  # an AdamW learning rate above 1 diverges on the first step
+
+
 class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors and numbers must be finite."""
+    """Base of every recipe section: unknown keys are errors and numbers must be finite; a bool is
+    not a number (pydantic would read ``seq_len: true`` as 1)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _bool_is_not_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            declared = strip(cls.model_fields[info.field_name].annotation)
+            if declared in (int, float):
+                raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
 
 
 # ----------------------------------------------------------------------------------- model
@@ -101,7 +122,27 @@ class ModelSection(Section):
         if (self.hf_path is None) == (self.init is None):
             got = "both" if self.hf_path is not None else "neither"
             raise FieldProblem((), f"set exactly one of hf_path (a checkpoint directory) or init (an inline config), got {got}")
+        if self.init is not None:
+            _check_init(self.init)
         return self
+
+
+def _check_init(init: dict[str, Any]) -> None:
+    """The inline architecture as training will build it (vocabulary and token ids still come
+    from the tokenizer): types, sizes and divisibility, named by field, before any work."""
+    from hebtron.errors import ConfigError
+    from hebtron.model.config import HybridConfig
+
+    try:
+        HybridConfig.from_dict({"vocab_size": 1, **init}, source="model config")
+    except ConfigError as err:
+        text = str(err)
+        prefix = "model config: "
+        detail = text[len(prefix):] if text.startswith(prefix) else text
+        field, _, message = detail.partition(": ")
+        if field and message and " " not in field:
+            raise FieldProblem(("init", field), message) from None
+        raise FieldProblem(("init",), detail) from None
 
 
 def _latest_checkpoint(root: Path) -> Path:
@@ -186,7 +227,7 @@ class DataSection(Section):
 
     sources: list[DataSource] = Field(min_length=1)
     phases: list[Phase] = Field(default_factory=list)
-    seq_len: int = Field(gt=0, description="tokens per training sequence")
+    seq_len: int = Field(gt=0, le=MAX_SEQ_LEN, description="tokens per training sequence")
     valid: list[DataSource] = Field(default_factory=list, description="validation sources")
     shuffle_windows: bool = Field(
         True, description="CPT: shuffle windows within each source (Megatron's sample shuffle), so a batch "
@@ -259,9 +300,9 @@ class EarlyKill(Section):
 class TrainSection(Section):
     """Optimizer, schedule (in tokens, so a batch-size ramp does not stretch it) and guards."""
 
-    global_batch: int = Field(gt=0, description="sequences per optimizer step, all ranks together")
-    micro_batch: int = Field(gt=0, description="sequences per forward pass on one rank")
-    lr: float = Field(gt=0, description="peak learning rate")
+    global_batch: int = Field(gt=0, le=MAX_SEQUENCES, description="sequences per optimizer step, all ranks together")
+    micro_batch: int = Field(gt=0, le=MAX_SEQUENCES, description="sequences per forward pass on one rank")
+    lr: float = Field(gt=0, le=MAX_LR, description="peak learning rate")
     min_lr: float = Field(0.0, ge=0)
     schedule: Literal["wsd", "cosine", "constant"] = "wsd"
     warmup_tokens: TokenCount = 0
@@ -289,7 +330,7 @@ class TrainSection(Section):
         False, description="native FSDP2: reduce-scatter after every micro-batch, so gradients stay sharded "
                            "(1/dp of the gradient memory, one reduce-scatter per micro-batch); default: unsharded "
                            "gradients until the last micro-batch, one reduce-scatter per step")
-    seed: int = Field(1234, ge=0)
+    seed: int = Field(1234, ge=0, le=MAX_SEED)
     nan_guard_max_skips: int = Field(5, ge=0, description="non-finite steps skipped in a row before the run stops")
     early_kill: EarlyKill = Field(default_factory=EarlyKill)
     eval_interval: int = Field(0, ge=0, description="steps between validation passes; 0: only at the end")
@@ -315,6 +356,10 @@ class CheckpointSection(Section):
     dir: OutputPath | None = Field(None, description="default: <logging.run_dir>/checkpoints (set after loading)")
     interval: int = Field(1000, ge=0, description="steps between checkpoints; 0: only at the end")
     keep_last: int = Field(3, ge=0, description="checkpoints kept; 0 keeps all")
+    prune_before_save: bool = Field(
+        False, description="when the disk has less room than the previous checkpoint took, prune the oldest "
+                           "beyond keep_last - 1 before writing (never latest, KEEP or leased ones); without it "
+                           "such a save stops the run with one line (exit 74) before writing anything")
     reshardable: bool = Field(
         False,
         description="megatron backend: write the distributed optimizer's state fully reshardable, so a resume may "
@@ -482,8 +527,9 @@ class BatchSizeSection(Section):
 
     policy: Literal["fixed", "steps", "adaptive"] = "fixed"
     ramp: str | None = Field(None, description="steps policy: 'TOKENS:BATCH ...' like Megatron, e.g. '0:256 250B:1536'")
-    min: int | None = Field(None, gt=0, description="adaptive: smallest global batch (default train.global_batch)")
-    max: int | None = Field(None, gt=0, description="adaptive: largest global batch")
+    min: int | None = Field(None, gt=0, le=MAX_SEQUENCES,
+                            description="adaptive: smallest global batch (default train.global_batch)")
+    max: int | None = Field(None, gt=0, le=MAX_SEQUENCES, description="adaptive: largest global batch")
     k: float = Field(1.0, gt=0, description="adaptive: target k x B_noise")
     interval: int = Field(50, gt=0, description="adaptive: steps between batch increases")
     warmup_updates: int = Field(20, ge=1, description="adaptive: estimator updates before the first decision")
@@ -561,6 +607,7 @@ class Recipe(Section):
             raise FieldProblem(("train", "eval_interval"), "periodic evaluation needs data.valid sources")
         if self.sft is not None:
             self._check_sft()
+        self._check_sizes()
         self._check_batch_size()
         self._check_schedule()
         return self
@@ -577,6 +624,9 @@ class Recipe(Section):
             except ValueError as err:
                 raise FieldProblem(("batch_size", "ramp"), str(err)) from None
             sizes.update({f"ramp size {size}": size for _, size in ramp})
+            too_big = [size for _, size in ramp if size > MAX_SEQUENCES]
+            if too_big:
+                raise FieldProblem(("batch_size", "ramp"), f"ramp size {too_big[0]} exceeds {MAX_SEQUENCES:,} sequences")
         for name, size in sizes.items():
             if size is not None and size % unit:
                 raise FieldProblem(
@@ -610,6 +660,19 @@ class Recipe(Section):
         if data.seq_len % sft.pad_to_multiple_of:
             raise FieldProblem(("sft", "pad_to_multiple_of"),
                                f"must divide data.seq_len ({data.seq_len}), got {sft.pad_to_multiple_of}")
+
+    def _check_sizes(self) -> None:
+        """One step must fit: its tokens bounded, and not more than the whole run."""
+        step_tokens = self.tokens_per_step
+        if step_tokens > MAX_STEP_TOKENS:
+            raise FieldProblem(("train", "global_batch"),
+                               f"train.global_batch x data.seq_len = {step_tokens:,} tokens per step exceeds "
+                               f"{format_tokens(MAX_STEP_TOKENS)}")
+        total = self.train.total_tokens
+        if total is not None and step_tokens > total:
+            raise FieldProblem(("train", "global_batch"),
+                               f"one step ({self.train.global_batch} x {self.data.seq_len} = {format_tokens(step_tokens)} "
+                               f"tokens) exceeds the run's train.total_tokens ({format_tokens(total)})")
 
     def _check_schedule(self) -> None:
         train, total = self.train, self.planned_tokens

@@ -91,7 +91,13 @@ def parse_ramp(spec: str) -> list[tuple[int, int]]:
         at, _, size = item.partition(":")
         if not size:
             raise ValueError(f"batch ramp item {item!r}: expected TOKENS:GLOBAL_BATCH, e.g. 250B:1536")
-        steps.append((parse_token_count(at), int(size)))
+        try:
+            count = int(size)
+        except ValueError:
+            raise ValueError(f"batch ramp item {item!r}: expected a whole number of sequences after ':', got {size[:40]!r}") from None
+        if count <= 0:
+            raise ValueError(f"batch ramp item {item!r}: the global batch must be > 0, got {count}")
+        steps.append((parse_token_count(at), count))
     steps.sort()
     if not steps or steps[0][0] != 0:
         raise ValueError(f"batch ramp {spec!r}: the first item must start at 0 tokens")

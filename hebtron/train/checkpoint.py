@@ -7,13 +7,20 @@ the torch-free :mod:`hebtron.checkpoints`; this module writes and reads the tens
         model.safetensors     weights (tied tensors stored once, aliases in the metadata)
         optimizer.pt          optimizer state, torch.save; read back with weights_only=True
         trainer_state.json    {"step": ..., "extra": {scheduler, data position, rng, ...}}
-        COMPLETE              manifest (file sizes), written last
+        COMPLETE              manifest (file sizes, sha256 of pickled files), written last
 
 A checkpoint is written into ``step_XXXXXXXX.tmp-<host>-<pid>``, every file is fsynced,
 ``COMPLETE`` goes in last, then the directory is renamed into place and only then is ``latest``
-replaced. So ``latest`` can only ever name a directory that already holds a full checkpoint.
-A writer, right before it writes, removes scratch entries of crashed writers of its own host
-(:func:`clean_scratch`); nothing else does, so a save in progress elsewhere is never touched.
+replaced. So ``latest`` can only ever name a directory that already holds a full checkpoint; a
+re-saved step is exchanged atomically (or repaired at the next start where the filesystem
+cannot exchange: :func:`repair_interrupted_swap`). A writer, right before it writes, removes
+scratch entries of crashed writers of its own host (:func:`clean_scratch`); nothing else does,
+so a save in progress elsewhere is never touched.
+
+A disk that refuses a save (full, read-only, quota) ends it with one :class:`StorageError` line
+(path, errno text, bytes needed vs free) after removing the save's scratch; ``latest`` and every
+complete checkpoint stay. :func:`ensure_room` checks the free space against the previous
+checkpoint's size before writing, and prunes first where the run asks for it.
 
 These functions take *full* (unsharded) state dicts and are meant to run on one rank (rank 0);
 with FSDP2 gather first with ``torch.distributed.checkpoint.state_dict.get_model_state_dict``
@@ -22,12 +29,16 @@ with FSDP2 gather first with ``torch.distributed.checkpoint.state_dict.get_model
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
 import random
 import shutil
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +47,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hebtron.checkpoints import (
-    COMPLETE_FILE,
     FORMAT_VERSION,
     KEEP_FILE,
     LATEST_FILE,
@@ -48,13 +58,20 @@ from hebtron.checkpoints import (
     fsync_file,
     list_checkpoints,
     live_leases,
+    parse_scratch,
+    pid_alive,
+    read_pointer,
     read_trainer_state,
     scratch_path,
     scratch_tag,
     stale_scratch,
+    step_of,
+    this_host,
+    write_manifest,
     write_text_synced,
 )
-from hebtron.errors import CheckpointError
+from hebtron.errors import CheckpointError, StorageError
+from hebtron.train.storage import free_bytes, previous_checkpoint_bytes, room_error, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -85,25 +102,73 @@ def save_checkpoint(
     if step < 0:
         raise ValueError(f"save_checkpoint: step must be >= 0, got {step}")
     root = Path(run_ckpt_dir)
-    root.mkdir(parents=True, exist_ok=True)
     state_json = json.dumps({"format": FORMAT_VERSION, "step": step, "extra": dict(extra or {})})
     tensors, aliases = _dedupe_tensors(model_state)
-    clean_scratch(root, include_own=True)
-
     tmp = scratch_path(root, checkpoint_name(step))
-    tmp.mkdir()
+    with _disk_failures(root, step, tmp, _estimate_bytes(root, tensors, optimizer_state)):
+        root.mkdir(parents=True, exist_ok=True)
+        clean_scratch(root, include_own=True)
+        tmp.mkdir()
+        save_file(tensors, str(tmp / MODEL_FILE),
+                  metadata={"format": "pt", "hebtron_aliases": json.dumps(aliases)})
+        fsync_file(tmp / MODEL_FILE)
+        if optimizer_state is not None:
+            with open(tmp / OPTIMIZER_FILE, "wb") as fh:
+                torch.save(dict(optimizer_state), fh)
+                flush_fsync(fh)
+        write_text_synced(tmp / STATE_FILE, state_json)
+        for fname, text in (extra_files or {}).items():
+            write_text_synced(tmp / fname, text)
+        final = publish_checkpoint(tmp, root, step, keep_last)
+    return final
 
-    save_file(tensors, str(tmp / MODEL_FILE),
-              metadata={"format": "pt", "hebtron_aliases": json.dumps(aliases)})
-    fsync_file(tmp / MODEL_FILE)
-    if optimizer_state is not None:
-        with open(tmp / OPTIMIZER_FILE, "wb") as fh:
-            torch.save(dict(optimizer_state), fh)
-            flush_fsync(fh)
-    write_text_synced(tmp / STATE_FILE, state_json)
-    for fname, text in (extra_files or {}).items():
-        write_text_synced(tmp / fname, text)
-    return publish_checkpoint(tmp, root, step, keep_last)
+
+def _estimate_bytes(root: Path, tensors: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Any] | None) -> int:
+    """What this save will take: the previous checkpoint's size, else the tensors' bytes."""
+    previous = previous_checkpoint_bytes(root)
+    if previous is not None:
+        return previous
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    per_param = (optimizer_state or {}).get("state") or {}
+    for value in per_param.values() if isinstance(per_param, Mapping) else ():
+        if isinstance(value, Mapping):
+            total += sum(t.numel() * t.element_size() for t in value.values() if isinstance(t, torch.Tensor))
+    return total
+
+
+@contextmanager
+def _disk_failures(root: Path, step: int, tmp: Path, needed: int | None) -> Iterator[None]:
+    """Turn a save that the disk refused (full, read-only, quota) into one StorageError line,
+    after removing this save's scratch (``tmp``, ``latest.tmp-*``): ``latest`` and every complete
+    checkpoint stay as they were. Other failures propagate unchanged (after the same cleanup)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except BaseException as exc:
+        removed = _remove_own_scratch(root, tmp)
+        if not isinstance(exc, Exception):
+            raise
+        pointer = read_pointer(root / LATEST_FILE) if (root / LATEST_FILE).is_file() else None
+        outcome = (f"the partial {tmp.name} was {'removed' if removed else 'not created'}, "
+                   f"latest ({pointer or 'none yet'}) and every complete checkpoint are untouched; "
+                   "free space (or set checkpoint.prune_before_save: true), then rerun with --resume auto")
+        error = storage_error(exc, action=f"saving checkpoint step {step}", path=tmp, root=root, needed=needed,
+                              outcome=outcome)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _remove_own_scratch(root: Path, tmp: Path) -> bool:
+    """Remove ``tmp`` and this process's ``latest`` scratch; whether ``tmp`` existed."""
+    existed = tmp.exists()
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        scratch_path(root, LATEST_FILE).unlink(missing_ok=True)
+    except OSError:
+        pass
+    return existed
 
 
 def save_collectively(
@@ -128,42 +193,73 @@ def save_collectively(
     tag = [scratch_tag()]
     dist.broadcast_object_list(tag, src=0)
     tmp = scratch_path(root, name, "tmp", tag[0])
-    if rank == 0:
+    needed = previous_checkpoint_bytes(root) if rank == 0 else None
+
+    def on_rank0(work: Callable[[], None]) -> None:
+        """``work`` on rank 0, its disk failure raised on every rank (one line each)."""
+        failure: list[str | None] = [None]
+        if rank == 0:
+            try:
+                with _disk_failures(root, step, tmp, needed):
+                    work()
+            except StorageError as err:
+                failure[0] = str(err)
+        dist.broadcast_object_list(failure, src=0)
+        if failure[0] is not None:
+            raise StorageError(failure[0] if rank == 0 else f"rank {rank}: rank 0 failed: {failure[0]}")
+
+    def make_scratch() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
-    write_shards(tmp)
-    dist.barrier()  # every rank's shards are on disk before the manifest lists them
-    if rank == 0:
+
+    on_rank0(make_scratch)
+    failures: list[str | None] = [None] * dist.get_world_size()
+    mine: str | None = None
+    try:
+        write_shards(tmp)
+    except Exception as exc:  # every rank reports, so none waits at a barrier for one that failed
+        error = storage_error(exc, action=f"saving checkpoint step {step} (rank {rank}'s shards)", path=tmp,
+                              root=root, needed=needed, outcome="the partial scratch directory was removed, "
+                              "latest and every complete checkpoint are untouched; rerun with --resume auto once "
+                              "there is room")
+        if error is None:
+            raise
+        mine = str(error)
+    dist.all_gather_object(failures, mine)  # every rank's shards are on disk before the manifest lists them
+    first = next((f for f in failures if f is not None), None)
+    if first is not None:
+        if rank == 0:
+            _remove_own_scratch(root, tmp)
+        raise StorageError(first)
+
+    def publish() -> None:
         write_text_synced(tmp / STATE_FILE, json.dumps({"format": FORMAT_VERSION, "step": step, "extra": dict(extra)}))
         for fname, text in extra_files.items():
             write_text_synced(tmp / fname, text)
         publish_checkpoint(tmp, root, step, keep_last)
-    dist.barrier()
+
+    on_rank0(publish)
     return root / name
 
 
 def publish_checkpoint(tmp: Path, root: Path, step: int, keep_last: int | None = None) -> Path:
     """Turn the fully written directory ``tmp`` into checkpoint ``step`` of ``root``.
 
-    Writes the manifest (every file under ``tmp``, relative path and size) last, renames the
-    directory into place (a re-saved step is swapped in whole), points ``latest`` at it and
+    Writes the manifest (every file under ``tmp``, relative path and size, and the sha256 of the
+    pickled files: :func:`hebtron.checkpoints.write_manifest`) last, renames the directory into
+    place (a re-saved step is swapped in whole, :func:`_swap_in`), points ``latest`` at it and
     prunes to ``keep_last``. Until the rename the previous checkpoint stays the newest complete
     one. Shared by every backend's saver, so they stay equally crash-safe; it first removes
     scratch entries of crashed writers of this host (never ``tmp``, whose writer is this process).
     """
     clean_scratch(root)
-    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    write_text_synced(tmp / COMPLETE_FILE, json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}))
+    write_manifest(tmp, step)
     fsync_dir(tmp)
 
     name = checkpoint_name(step)
     final = root / name
     if final.exists():  # re-saving a step (resumed from an older checkpoint): swap it out
-        trash = scratch_path(root, name, "trash")
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
+        _swap_in(tmp, final, root, name)
     else:
         os.rename(tmp, final)
     fsync_dir(root)
@@ -172,6 +268,76 @@ def publish_checkpoint(tmp: Path, root: Path, step: int, keep_last: int | None =
     if keep_last:
         prune_checkpoints(root, keep_last)
     return final
+
+
+# Linux renameat2(2) flag: exchange two paths atomically (tmpfs, ext4, xfs, btrfs; not NFS).
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one atomic step; False where the system or filesystem cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _swap_in(tmp: Path, final: Path, root: Path, name: str) -> None:
+    """Replace the existing checkpoint ``final`` by ``tmp`` without ``final`` ever being absent:
+    an atomic exchange where the filesystem has one, so ``latest`` always names a complete
+    directory. Elsewhere two renames; a kill between them leaves ``final`` absent with both
+    copies complete under scratch names, and :func:`repair_interrupted_swap` puts one back at
+    the next start."""
+    if exchange_paths(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the replaced copy
+        return
+    trash = scratch_path(root, name, "trash")
+    os.rename(final, trash)
+    os.rename(tmp, final)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def repair_interrupted_swap(root: str | os.PathLike) -> Path | None:
+    """Undo a re-save swap that a kill cut between its two renames (:func:`_swap_in`): ``latest``
+    names ``step_N``, which is absent, while a complete copy of it sits under a scratch name of
+    a writer that is gone. The re-saved copy (``.tmp-``) is put back if complete, else the
+    replaced one (``.trash-``). Returns the restored checkpoint. Writers call it at start,
+    before looking for the checkpoint to resume from."""
+    root = Path(root)
+    pointer = root / LATEST_FILE
+    name = read_pointer(pointer) if pointer.is_file() else None
+    if not name or step_of(name) is None or (root / name).exists():
+        return None
+    host, me = this_host(), os.getpid()
+    copies = []
+    for entry in sorted(root.iterdir()):
+        scratch = parse_scratch(entry)
+        if scratch is None or not entry.name.startswith(name + "."):
+            continue
+        if scratch.pid == me or ((scratch.host is None or scratch.host == host) and pid_alive(scratch.pid)):
+            continue  # a save in progress
+        if checkpoint_problem(entry) is None:
+            copies.append((".tmp-" not in entry.name, entry))  # tmp (the re-saved copy) first
+    if not copies:
+        return None
+    _, chosen = min(copies)
+    try:
+        os.rename(chosen, root / name)
+    except OSError:  # another rank of this run restored it first
+        return root / name if (root / name).is_dir() else None
+    fsync_dir(root)
+    log.warning("restored %s from %s (a re-save swap was interrupted)", name, chosen.name)
+    return root / name
 
 
 def _dedupe_tensors(
@@ -238,7 +404,7 @@ def prune_checkpoints(run_ckpt_dir: str | os.PathLike, keep_last: int) -> list[P
         raise ValueError(f"prune_checkpoints: keep_last must be >= 1, got {keep_last}")
     root = Path(run_ckpt_dir)
     pointer = root / LATEST_FILE
-    protected = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+    protected = read_pointer(pointer) if pointer.is_file() else None
     deleted = []
     for _, path in list_checkpoints(root)[:-keep_last]:
         if path.name == protected or (path / KEEP_FILE).exists() or live_leases(path):
@@ -251,6 +417,29 @@ def prune_checkpoints(run_ckpt_dir: str | os.PathLike, keep_last: int) -> list[P
         shutil.rmtree(trash, ignore_errors=True)
         deleted.append(path)
     return deleted
+
+
+def ensure_room(run_ckpt_dir: str | os.PathLike, keep_last: int | None, prune_before_save: bool = False) -> list[Path]:
+    """Check, before a save writes anything, that the disk has room for it: as much as the
+    previous checkpoint took. When it has not and ``prune_before_save`` is on, first prune to
+    ``keep_last - 1`` complete checkpoints (the save then brings it back to ``keep_last``), with
+    :func:`prune_checkpoints`' protections: never the one ``latest`` names, never the newest,
+    never a ``KEEP`` or leased one. Still short: :class:`StorageError`, one line, nothing written.
+    Returns the pruned checkpoints. Rank 0 only (the trainer shares the outcome)."""
+    root = Path(run_ckpt_dir)
+    needed = previous_checkpoint_bytes(root)
+    free = free_bytes(root)
+    if needed is None or free is None or free >= needed:
+        return []
+    pruned: list[Path] = []
+    if prune_before_save and keep_last and keep_last > 1:
+        pruned = prune_checkpoints(root, keep_last - 1)
+        free = free_bytes(root) or 0
+        if free >= needed:
+            log.warning("pruned %s before saving: %d bytes free, the checkpoint needs about %d",
+                        ", ".join(p.name for p in pruned), free, needed)
+            return pruned
+    raise room_error(root, needed, free, keep_last, len(pruned))
 
 
 def clean_scratch(root: str | os.PathLike, include_own: bool = False) -> list[Path]:

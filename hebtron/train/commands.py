@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--resume", default="none", metavar="auto|none|CKPT",
         help="auto: continue from the run's latest checkpoint if any; or a checkpoint directory",
     )
-    train.set_defaults(func=_train)
+    train.set_defaults(func=_train, holds_stop_signals=True)
 
     sft = sub.add_parser("sft", help="supervised fine-tuning on packed chat data (a recipe with an sft section)")
     sft.add_argument("recipe", type=Path, help="recipe YAML with an sft: section")
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--resume", default="none", metavar="auto|none|CKPT",
         help="auto: continue from the run's latest checkpoint if any; or a checkpoint directory",
     )
-    sft.set_defaults(func=_train, sft=True)
+    sft.set_defaults(func=_train, sft=True, holds_stop_signals=True)
 
     export = sub.add_parser("export", help="write a checkpoint as a Hugging Face NemotronH directory")
     export.add_argument("checkpoint", type=Path,
@@ -44,8 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     report.set_defaults(func=_report)
 
 
-# EX_TEMPFAIL: stopped on SIGUSR1/SIGTERM with a checkpoint saved; run again with --resume auto.
-# The Slurm job script (slurm/train.sbatch.j2) requeues the job on it.
+# Exit codes of `hebtron train` / `sft` beyond 0 (done), 1 (unexpected failure) and 2 (bad input):
+# 75 EX_TEMPFAIL: stopped on SIGUSR1/SIGTERM, its checkpoint saved (or none due); run again with
+#    --resume auto. The Slurm job script (slurm/train.sbatch.j2) requeues the job on it.
+# 74 EX_IOERR (hebtron.errors.StorageError): a checkpoint save the disk refused (full, read-only);
+#    nothing complete was lost; free space, then --resume auto. Not requeued.
+# 3 (hebtron.train.guards.TrainingAborted): aborted on purpose (NaN limit, early kill); do not resume.
 STOPPED_EXIT_CODE = 75
 
 
@@ -93,9 +97,10 @@ def _run_training(args: argparse.Namespace, stops: StopSignals) -> int:
     finally:
         trainer.close()
     if trainer.ops.is_main:
+        saved = result.final_checkpoint or "none new"
         print(
             f"done: {result.steps} steps, {result.tokens:,} tokens in {result.wall_s:.1f} s "
-            f"({result.tokens_per_s:,.0f} tokens/s); checkpoint {result.final_checkpoint}"
+            f"({result.tokens_per_s:,.0f} tokens/s); checkpoint {saved}"
         )
     if result.stopped_by_signal and not trainer.done:
         if trainer.ops.is_main:

@@ -2,11 +2,18 @@
 
 A distributed checkpoint's ``.metadata`` is a pickle, and PyTorch's default load planner reads
 non-tensor entries (an optimizer's ``param_groups``) with ``torch.load(weights_only=False)``.
-Checkpoints handed to ``hebtron eval`` or ``export`` come from anywhere, so here ``.metadata`` is
-unpickled through an allow-list that only builds ``torch.distributed.checkpoint``'s metadata
-classes, ``torch.Size``, dtypes and layouts (:func:`read_metadata`, :func:`safe_reader`), and
-non-tensor entries load with ``weights_only=True`` (:class:`SafeLoadPlanner`). Tensor data is
-read by PyTorch's reader with ``torch.load(weights_only=True)``.
+Checkpoints handed to ``hebtron eval`` or ``export`` come from anywhere, so two locks:
+
+- provenance: ``.metadata`` is read only from checkpoints hebtron wrote, whose ``COMPLETE``
+  manifest recorded its sha256 at save time (:func:`hebtron.checkpoints.pickle_problem`, checked
+  on the very bytes then unpickled); anything else needs ``--trust-checkpoint``
+  (:func:`trust_unvouched_metadata`). A Megatron resume, where megatron-core reads the pickles
+  itself, checks the same hashes first (:func:`check_pickled_files`);
+- content: ``.metadata`` is unpickled through an allow-list that only builds
+  ``torch.distributed.checkpoint``'s metadata classes, ``torch.Size``, dtypes and layouts
+  (:func:`read_metadata`, :func:`safe_reader`), and non-tensor entries load with
+  ``weights_only=True`` (:class:`SafeLoadPlanner`). Tensor data is read by PyTorch's reader with
+  ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -19,7 +26,40 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 
+from hebtron.checkpoints import PICKLED_FILES, pickle_problem
 from hebtron.errors import CheckpointError
+
+_trust_unvouched = False
+
+
+def trust_unvouched_metadata(trust: bool) -> None:
+    """``--trust-checkpoint``: read pickled metadata no hebtron manifest vouches for (this process)."""
+    global _trust_unvouched
+    _trust_unvouched = trust
+
+
+def check_vouched(path: Path, data: bytes) -> None:
+    """One-line CheckpointError unless hebtron's manifest vouches for ``data`` (read from ``path``)
+    or ``--trust-checkpoint`` was given."""
+    problem = pickle_problem(path, data)
+    if problem is not None and not _trust_unvouched:
+        raise CheckpointError(
+            f"{path}: not read: {problem}; distributed-checkpoint metadata is a pickle, which can run code when "
+            "loaded, so hebtron reads it only from checkpoints it wrote; pass --trust-checkpoint if you trust "
+            "where this one came from")
+
+
+def check_pickled_files(directory: Path) -> None:
+    """:func:`check_vouched` for every pickled file of a distributed checkpoint directory, before
+    a library that unpickles them itself (megatron-core) reads it."""
+    for name in PICKLED_FILES:
+        path = directory / name
+        if path.is_file():
+            try:
+                data = path.read_bytes()
+            except OSError as err:
+                raise CheckpointError(f"{path}: unreadable ({err.strerror or err})") from None
+            check_vouched(path, data)
 
 
 class _Placeholder:
@@ -66,11 +106,16 @@ def read_metadata(directory: Path) -> Any:
 
     path = directory / ".metadata"
     try:
-        with open(path, "rb") as fh:
-            metadata = _MetadataUnpickler(fh).load()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (not a distributed checkpoint?)") from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
+    except OSError as err:
+        raise CheckpointError(f"{path}: unreadable ({err.strerror or err})") from None
+    check_vouched(path, data)
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, IndexError, KeyError,
+            ImportError, RecursionError, MemoryError, OverflowError) as err:
         raise CheckpointError(f"{path}: not a distributed-checkpoint metadata file ({err})") from None
     if not isinstance(metadata, Metadata):
         raise CheckpointError(f"{path}: not a distributed-checkpoint metadata file ({type(metadata).__name__})")

@@ -40,10 +40,12 @@ class NanGuard:
     max_total: int | None = None
     consecutive: int = field(default=0, init=False)
     total: int = field(default=0, init=False)
+    last: tuple[float, float] = field(default=(math.nan, math.nan), init=False)  # (loss, grad norm) checked last
 
     def check(self, loss: Any, grad_norm: Any, step: int | None = None) -> bool:
         """True when this step must be skipped; raises once the budget is exhausted."""
         lv, gv = _as_float(loss), _as_float(grad_norm)
+        self.last = (lv, gv)
         if math.isfinite(lv) and math.isfinite(gv):
             self.consecutive = 0
             return False

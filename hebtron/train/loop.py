@@ -16,22 +16,23 @@ import functools
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from hebtron.checkpoints import find_latest
-from hebtron.errors import UserError
+from hebtron.errors import CheckpointError, StorageError, UserError
 from hebtron.model.config import describe
 from hebtron.recipe import Recipe, dump_recipe
 from hebtron.recipe.units import parse_ramp
 from hebtron.train.batch_size import BatchSizePolicy, NoiseMeasurement, NoiseScaleEstimator
-from hebtron.train.checkpoint import capture_rng, restore_rng
+from hebtron.train.checkpoint import capture_rng, ensure_room, repair_interrupted_swap, restore_rng
 from hebtron.train.engine import StepPlan, TrainEngine, split_rows
 from hebtron.train.guards import EarlyKillGuard, NanGuard, TrainingAborted
-from hebtron.train.metrics import MetricsWriter, Progress
+from hebtron.train.metrics import ABORT_KEY, MetricsWriter, Progress
 from hebtron.train.schedule import TokenSchedule
 from hebtron.train.setup import build_train_data, build_valid_data
 from hebtron.train.stop_signals import STOP_SIGNALS, take_pending as take_pending_stop_signal
@@ -88,9 +89,10 @@ class Trainer:
             self._say(note)
         self.resumed_from = self._resolve_resume(resume)
         if self.resumed_from is not None:
-            self._restore_run_state(engine.load(self.resumed_from))
+            self._restore_run_state(engine.load(self.resumed_from), self.resumed_from)
         else:
             engine.load_pretrained()
+        self._saved_step = self.step  # the state at this step is on disk (or is the start): no save due
         self.metrics = MetricsWriter(
             self.run_dir, tensorboard=recipe.logging.tensorboard,
             resume_step=self.step if self.resumed_from is not None else None, enabled=self.ops.is_main,
@@ -123,6 +125,8 @@ class Trainer:
         try:
             while not self.done and not self._stop_requested():
                 record = self.train_step()
+                if self.early_kill is not None:
+                    self._abort_on(lambda: self.early_kill.update(self.step, record["loss"]), record)
                 due_eval = train.eval_interval and self.step % train.eval_interval == 0
                 if self.valid and (due_eval or self.done):
                     val_end = self.evaluate()
@@ -136,8 +140,11 @@ class Trainer:
                 if (interval and self.step % interval == 0) or self.done:
                     last_ckpt = self.save()
             if self._stop_signal is not None and not self.done:
-                self._say(f"signal {self._stop_signal}: saving a checkpoint at step {self.step} and stopping")
-                last_ckpt = self.save()
+                if self._saved_step == self.step:  # just saved (an interval step) or nothing trained yet
+                    self._say(f"signal {self._stop_signal}: stopping at step {self.step} (its checkpoint is on disk)")
+                else:
+                    self._say(f"signal {self._stop_signal}: saving a checkpoint at step {self.step} and stopping")
+                    last_ckpt = self.save()
         finally:
             progress.close()
             self.metrics.close()
@@ -159,14 +166,19 @@ class Trainer:
         per_rank = global_batch // self.engine.dp_size
         micro_batches = [split_rows(rows, s, s + train.micro_batch) for s in range(0, per_rank, train.micro_batch)]
         measure = self._measure_now() and self.engine.noise_usable(len(micro_batches))
-        result = self.engine.train_step(StepPlan(
+        plan = StepPlan(
             micro_batches, lr, self.step + 1, self.pad_id, measure,
             guard=lambda loss, grad_norm: self.nan_guard.check(loss, grad_norm, self.step + 1),
-        ))
+        )
+        def unfinished() -> dict[str, Any]:  # the record of a step the NaN guard aborted
+            guard = self.nan_guard.last
+            return {"step": self.step + 1, "tokens": self.tokens + step_tokens, "loss": guard[0], "lr": lr,
+                    "grad_norm": guard[1], "tokens_per_s": step_tokens / (time.perf_counter() - t0),
+                    "skipped_steps": self.nan_guard.total, "phase": phase, "global_batch": global_batch}
+
+        result = self._abort_on(lambda: self.engine.train_step(plan), unfinished)
         self.step += 1
         self.tokens += step_tokens
-        if self.early_kill is not None:
-            self.early_kill.update(self.step, result.loss)
         record = {
             "step": self.step,
             "tokens": self.tokens,
@@ -183,9 +195,18 @@ class Trainer:
         for message in result.messages:
             self._say(message)
         if result.stop is not None:  # a routing alarm with action stop: log this step, then abort
-            self.metrics.log(record)
-            raise TrainingAborted(result.stop)
+            self._abort_on(lambda: _raise(TrainingAborted(result.stop)), record)
         return record
+
+    def _abort_on(self, work: Callable[[], Any], record: dict[str, Any] | Callable[[], dict[str, Any]]) -> Any:
+        """``work()``; if it aborts the run (NaN limit, early kill, routing alarm), the step's
+        ``record`` goes to metrics.jsonl and TensorBoard with the reason before the abort goes on:
+        the file tools read says why the run died, in its last record."""
+        try:
+            return work()
+        except TrainingAborted as err:
+            self.metrics.log({**(record() if callable(record) else record), ABORT_KEY: str(err)})
+            raise
 
     # -------------------------------------------------------------- batch size
     def _plan_step(self) -> tuple[int, int, float]:
@@ -268,20 +289,61 @@ class Trainer:
             "backend": self.recipe.backend,
             "final": self.done,  # the run's last checkpoint: `hebtron eval watch` stops after it
         }
-        return self.engine.save(self.ckpt_dir, self.step, extra, self.recipe.checkpoint.keep_last)
+        self._make_room()
+        path = self.engine.save(self.ckpt_dir, self.step, extra, self.recipe.checkpoint.keep_last)
+        self._saved_step = self.step
+        return path
+
+    def _make_room(self) -> None:
+        """Rank 0 checks the disk before a save writes (pruning first with
+        ``checkpoint.prune_before_save``); every rank stops with the same error if there is no room."""
+        section = self.recipe.checkpoint
+        message = None
+        if self.ops.is_main:
+            try:
+                for path in ensure_room(self.ckpt_dir, section.keep_last, section.prune_before_save):
+                    self._say(f"pruned {path.name} before saving step {self.step} (checkpoint.prune_before_save)")
+            except StorageError as err:
+                message = str(err)
+        if self.ops.distributed:
+            flag = torch.tensor([float(message is not None)], device=self.ops.device)
+            if self.ops.all_reduce_sum(flag).item() and message is None:
+                message = f"checkpoint save at step {self.step}: rank 0 found no room on {self.ckpt_dir} (see its error)"
+        if message is not None:
+            raise StorageError(message)
 
     def _resolve_resume(self, resume: str | None) -> Path | None:
         if resume in (None, "none", "never"):
             return None
         if resume == "auto":
+            if self.ops.is_main and self.ckpt_dir.is_dir():
+                restored = repair_interrupted_swap(self.ckpt_dir)
+                if restored is not None:
+                    self._say(f"restored {restored.name}: a kill had interrupted its re-save")
+            self.ops.barrier()
             return find_latest(self.ckpt_dir)
         path = Path(resume)
         if not path.is_dir():
             raise UserError(f"--resume: {path} is not a checkpoint directory (or use 'auto')")
         return path
 
-    def _restore_run_state(self, extra: dict[str, Any]) -> None:
-        """Position, data, schedule, guards and RNG: what every engine's checkpoint carries."""
+    def _restore_run_state(self, extra: dict[str, Any], where: Path) -> None:
+        """Position, data, schedule, guards and RNG: what every engine's checkpoint carries. A
+        field that is missing or misshaped is one line naming it (the file came from disk)."""
+        field = "extra"
+        try:
+            for field in ("tokens", "data", "schedule", "nan_guard", "rng"):
+                if field not in extra:
+                    raise KeyError(field)
+            field = "state"
+            self._load_run_state(extra)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RuntimeError) as err:
+            detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            if isinstance(err, KeyError):
+                detail = f"missing {detail}"
+            raise CheckpointError(f"{where / 'trainer_state.json'}: extra.{field}: unusable run state ({detail})") from None
+
+    def _load_run_state(self, extra: dict[str, Any]) -> None:
         self.step = int(extra["step"])
         self.tokens = int(extra["tokens"])
         self.data.load_state_dict(extra["data"])
@@ -331,6 +393,10 @@ class Trainer:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _raise(error: BaseException) -> NoReturn:
+    raise error
 
 
 def _batch_size_control(recipe: Recipe, dp_size: int) -> tuple[BatchSizePolicy, NoiseScaleEstimator]:

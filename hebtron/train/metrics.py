@@ -21,6 +21,9 @@ from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 REQUIRED_KEYS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s")
+# The record of the step that aborted a run (NaN limit, early kill, routing alarm) carries the
+# reason under this key; it is then the file's last record.
+ABORT_KEY = "aborted"
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -165,6 +168,10 @@ class MetricsWriter:
                     continue
                 for tag, scalar in _scalars(key, value):
                     self._tb.add_scalar(tag, scalar, global_step=step)
+            if isinstance(rec.get(ABORT_KEY), str):  # why the run stopped: a text entry, on disk before exit
+                self._tb.add_scalar(ABORT_KEY, 1.0, global_step=step)
+                self._tb.add_text(ABORT_KEY, rec[ABORT_KEY], global_step=step)
+                self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(rec)
 

@@ -24,6 +24,7 @@ from typing import Any
 from hebtron.checkpoints import STATE_FILE, checkpoint_problem
 from hebtron.errors import CheckpointError
 from hebtron.train.checkpoint import save_collectively
+from hebtron.train.dcp_safe import check_pickled_files
 
 MEGATRON_DIR = "megatron"
 
@@ -44,6 +45,7 @@ def load(engine: Any, path: str | Path, with_optimizer: bool = True) -> dict[str
     if not (path / MEGATRON_DIR).is_dir():
         raise CheckpointError(f"{path}: not a Megatron-backend checkpoint (no {MEGATRON_DIR}/); "
                               "start from it with model.hf_path instead of --resume")
+    check_pickled_files(path / MEGATRON_DIR)  # megatron-core unpickles .metadata itself: hebtron's own only
     engine.load_checkpoint(path / MEGATRON_DIR, with_optimizer=with_optimizer)
     try:
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))

@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from hebtron.backends.megatron.convert import hf_to_megatron, save_canonical
+from hebtron.checkpoints import write_manifest
 from hebtron.errors import CheckpointError
 from hebtron.model.config import HybridConfig
 
@@ -51,6 +52,7 @@ def hf_dir_to_megatron(hf_dir: str | Path, out: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     save_canonical(canon, tmp)
     (tmp / CONFIG_NAME).write_text(json.dumps(config.to_hf_dict(), indent=2, sort_keys=True), encoding="utf-8")
+    write_manifest(tmp)  # vouches for the pickled .metadata: megatron-to-hf reads it back without --trust-checkpoint
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

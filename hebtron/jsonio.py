@@ -1,0 +1,97 @@
+"""JSON from files a user hands over, with every way they can be wrong turned into one line.
+
+``json.loads`` raises more than ``JSONDecodeError`` on hostile input: ``ValueError`` for integers
+over Python's 4,300-digit limit, ``RecursionError`` for deep nesting (100k ``[``), and the file
+itself may be a directory, unreadable, or not UTF-8. Strings may hold lone surrogates
+(``"\\ud800"``), which are valid JSON but cannot be written back as UTF-8, so they are refused
+here, where the file is named, rather than later, where a write fails far from the cause.
+Torch-free and stdlib-only, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from hebtron.errors import UserError
+
+MAX_DEPTH = 200  # deeper than any config, state or manifest hebtron reads; far from the C stack
+
+
+def _first_line(text: str) -> str:
+    return (str(text).strip().splitlines() or [""])[0][:300]
+
+
+def check_plain(value: Any, where: str, max_depth: int = MAX_DEPTH, error: type[UserError] = UserError) -> Any:
+    """``value`` if it is nested at most ``max_depth`` deep and its strings are valid Unicode
+    (no lone surrogates); else a one-line UserError naming ``where`` and the offending path."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if isinstance(node, str):
+            _check_text(node, where, path, error)
+        elif isinstance(node, dict | list):
+            if depth >= max_depth:
+                raise error(f"{where}: {path or 'top level'}: nested more than {max_depth} levels deep")
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_text(key, where, path, error)
+                stack.append((item, _child(path, key, isinstance(node, list)), depth + 1))
+    return value
+
+
+def _child(path: str, key: Any, in_list: bool) -> str:
+    if in_list:
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+def _check_text(text: str, where: str, path: str, error: type[UserError]) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        at = f"{path}: " if path else ""
+        raise error(f"{where}: {at}string holds a lone surrogate ({text[err.start]!r}); expected valid Unicode") from None
+
+
+def parse_json(text: str | bytes, where: str, error: type[UserError] = UserError) -> Any:
+    """JSON text -> Python data; any problem is a one-line UserError naming ``where``."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        value = json.loads(text)
+    except UnicodeDecodeError as err:
+        raise error(f"{where}: not UTF-8 text (bad byte at offset {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{where}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except RecursionError:
+        raise error(f"{where}: JSON nested too deeply") from None
+    except ValueError as err:  # e.g. an integer beyond the 4,300-digit conversion limit
+        raise error(f"{where}: unreadable JSON ({_first_line(str(err))})") from None
+    return check_plain(value, where, error=error)
+
+
+def read_json(path: str | os.PathLike[str], what: str = "JSON file", error: type[UserError] = UserError) -> Any:
+    """The JSON in file ``path``; missing, a directory, unreadable or malformed: one line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path}: not found (expected a {what})") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, expected a {what}") from None
+    except OSError as err:
+        raise error(f"{path}: cannot read ({err.strerror or err})") from None
+    return parse_json(data, str(path), error)
+
+
+def read_json_object(path: str | os.PathLike[str], what: str = "JSON file",
+                     error: type[UserError] = UserError) -> dict[str, Any]:
+    """:func:`read_json` that must give a JSON object."""
+    value = read_json(path, what, error)
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value

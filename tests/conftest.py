@@ -74,7 +74,7 @@ def _restore_signal_handlers():
 # (--dist loadscope --no-loadscope-reorder). The real-Slurm modules go first: they mostly wait on
 # Slurm (a time limit's signal, requeues), so started first they overlap everything else instead of
 # running last, alone. The other slow modules (torchrun ranks, Megatron) follow, then the rest.
-_RUN_FIRST = ("test_slurm.py", "test_slurm_megatron.py")
+_RUN_FIRST = ("test_slurm.py", "test_slurm_megatron.py", "test_slurm_watch.py")
 
 
 def pytest_collection_modifyitems(config, items):

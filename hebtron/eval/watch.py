@@ -7,7 +7,9 @@ is due it takes an evaluation lease (``step_N/EVALUATING-<host>-<pid>``, refresh
 so the trainer's ``keep_last`` pruning leaves it alone until its results are written to
 ``step_N/eval/<suite>.json``; then it releases the lease. It holds no file open, so nothing
 else is blocked. The results also go to the run's ``metrics.jsonl`` and TensorBoard as
-``eval/<task>/<metric>`` at the checkpoint's step.
+``eval/<task>/<metric>`` at the checkpoint's step, and to Weights & Biases when the run's
+recipe has ``logging.wandb`` (the W&B run ``eval-<suite>`` beside the trainer's, see
+:mod:`hebtron.train.wandb_mirror`).
 
 Restarts: the results files are the record of what was evaluated, and the watcher's state
 (``CKPT_DIR/eval-watch/<suite>.json``: which checkpoints it has seen, in order, for ``--every``)
@@ -48,6 +50,8 @@ from hebtron.eval.run_results import (
     locate_run,
     results_path,
 )
+
+from hebtron.train.wandb_mirror import WandbMirror, wandb_settings_of_run
 
 STATE_DIR = "eval-watch"
 Evaluate = Callable[[Path], dict[str, Any]]
@@ -180,9 +184,11 @@ class WatchState:
 
 
 # --------------------------------------------------------------------------- metrics
-def log_eval_metrics(run_dir: Path | None, step: int, tokens: int | None, tag: str, payload: dict[str, Any]) -> dict[str, Any]:
+def log_eval_metrics(run_dir: Path | None, step: int, tokens: int | None, tag: str, payload: dict[str, Any],
+                     mirror: WandbMirror | None = None) -> dict[str, Any]:
     """Append the results as one ``kind: eval`` record to ``metrics.jsonl`` (one write, so it
-    never interleaves with the trainer's lines) and to TensorBoard when the run has it."""
+    never interleaves with the trainer's lines), to TensorBoard when the run has it, and to
+    ``mirror`` (W&B) when given."""
     record: dict[str, Any] = {"step": step, "kind": "eval", "suite": tag}
     if tokens is not None:
         record["tokens"] = tokens
@@ -212,6 +218,8 @@ def log_eval_metrics(run_dir: Path | None, step: int, tokens: int | None, tag: s
             for key, value in record.items():
                 if key.startswith("eval/") and isinstance(value, int | float):
                     tb.add_scalar(key, value, global_step=step)
+    if mirror is not None:
+        mirror.log(record)
     return record
 
 
@@ -265,6 +273,8 @@ class Watcher:
         self._held: dict[int, Path] = {}
         self._done: set[int] = set()  # steps the main loop has finished with (evaluated or skipped)
         self._lock = threading.Lock()
+        self._wandb: WandbMirror | None = None
+        self._wandb_checked = False
 
     def _state_path(self) -> Path:
         assert self.dirs is not None
@@ -300,6 +310,7 @@ class Watcher:
     def poll(self, state: WatchState, heartbeat: Heartbeat) -> bool:
         """One pass: note new checkpoints, evaluate the due ones oldest first; True when done."""
         assert self.dirs is not None
+        self._mirror()  # a recipe asking for W&B without wandb installed: one line now, not after an evaluation
         self.scout(heartbeat)
         present = dict(list_checkpoints(self.dirs.ckpt_dir))
         for step in sorted(present):
@@ -356,11 +367,21 @@ class Watcher:
         status = meta.get("status", "ok")
         state.evaluated[str(step)] = "ok" if status == "ok" else str(status)
         self.evaluations += 1
-        log_eval_metrics(self.dirs.run_dir, step, tokens, self.tag, payload)
+        log_eval_metrics(self.dirs.run_dir, step, tokens, self.tag, payload, self._mirror())
         self.say(f"eval watch: step {step}: {status} in {time.perf_counter() - started:.1f} s -> {out}")
         gc.collect()
         if self.after_each is not None:
             self.after_each()
+
+    def _mirror(self) -> WandbMirror | None:
+        """The W&B run for this suite's results, when the run's recipe asks for one (opened once)."""
+        assert self.dirs is not None
+        if not self._wandb_checked and self.dirs.run_dir is not None:
+            settings = wandb_settings_of_run(self.dirs.run_dir)
+            self._wandb_checked = settings is not None or (self.dirs.run_dir / "recipe.yaml").is_file()
+            if settings is not None:
+                self._wandb = WandbMirror(settings, self.dirs.run_dir, f"eval-{self.tag}")
+        return self._wandb
 
     def _scout_loop(self, heartbeat: Heartbeat, stop: threading.Event) -> None:
         while not stop.wait(self.scout_s):
@@ -397,3 +418,6 @@ class Watcher:
             stop.set()
             scout.join(timeout=10)
             heartbeat.close()
+            if self._wandb is not None:
+                self._wandb.close()
+                self._wandb = None

@@ -29,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="gate policy (default: SUITE.gate.yaml beside the suite file)")
     submit.add_argument("--eval-baseline", default=None, metavar="PATH",
                         help="baseline results JSON or model directory (default: the recipe's model.hf_path)")
+    submit.add_argument("--eval-every", type=int, default=None, metavar="N",
+                        help="instead of the evaluation after training, a companion job beside it runs "
+                             "hebtron eval watch on every N-th checkpoint (and the last), re-selecting the "
+                             "checkpoint to keep when there is a gate policy")
     submit.add_argument("--eval-tasks-dir", action="append", default=[], metavar="DIR", dest="eval_tasks_dirs",
                         help="task dir built at run time, replacing the suite's workdir_include (repeatable; "
                              "default: those, from the directory you submit from)")
@@ -37,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch script(s); write and submit nothing")
     submit.set_defaults(func=_submit)
 
-    jobs = sub.add_parser("jobs", help="submitted runs: Slurm state, last checkpoint, last verdict")
+    jobs = sub.add_parser("jobs", help="submitted runs: Slurm state, last checkpoint, last verdict, best checkpoint")
     jobs.add_argument("--cluster", default="local", metavar="PROFILE", help="profile whose paths.jobs to list (default local)")
     jobs.add_argument("--jobs-dir", type=Path, default=None, help="list this job directory root instead")
     jobs.add_argument("--json", action="store_true", help="one JSON object per job")
@@ -58,6 +62,7 @@ def _submit(args: argparse.Namespace) -> int:
         eval_policy=args.eval_policy,
         eval_baseline=args.eval_baseline,
         eval_tasks_dirs=list(args.eval_tasks_dirs),
+        eval_every=args.eval_every,
         check_paths=not args.no_check_paths,
         create=not args.dry_run,
     )
@@ -66,12 +71,18 @@ def _submit(args: argparse.Namespace) -> int:
         if prepared.eval_script is not None:
             print(f"\n# ---- {prepared.spec.job_dir}/eval.sbatch (--dependency=afterok:<training job>) ----\n")
             print(prepared.eval_script, end="")
+        if prepared.watch_script is not None:
+            print(f"\n# ---- {prepared.spec.job_dir}/watch.sbatch (beside training: sbatch watch.sbatch <training job>) ----\n")
+            print(prepared.watch_script, end="")
         return 0
     record = submit(prepared)
     # stdout: the training job id alone (like sbatch --parsable), for `id=$(hebtron submit ...)`
     print(f"job dir: {record['job_dir']}", file=sys.stderr)
     if record["eval_job_id"]:
         print(f"evaluation job {record['eval_job_id']} runs after training job {record['train_job_id']} succeeds",
+              file=sys.stderr)
+    if record.get("watch_job_id"):
+        print(f"watch job {record['watch_job_id']} evaluates checkpoints beside training job {record['train_job_id']}",
               file=sys.stderr)
     print(record["train_job_id"])
     return 0

@@ -1,5 +1,6 @@
-"""``hebtron jobs``: the submitted runs of a cluster profile, with Slurm state, last checkpoint
-and last verdict, read from each job directory's ``job.json`` and the run's checkpoints."""
+"""``hebtron jobs``: the submitted runs of a cluster profile, with Slurm state (training, chained
+evaluation, companion watch job), last checkpoint, last verdict and the best checkpoint chosen
+by ``hebtron eval select``, read from each job directory's ``job.json`` and the run's checkpoints."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from hebtron.launch import slurm
 from hebtron.launch.submit import JOB_FILE
 from hebtron.launch.verdict import latest_verdict
 from hebtron.checkpoints import find_latest, step_of
+from hebtron.eval.select import best_checkpoint
 
 
 @dataclass
@@ -26,6 +28,11 @@ class JobRow:
     step: int | None
     verdict: str | None
     submitted_at: str
+    watch_job_id: str | None = None
+    watch_state: str = "-"
+    best_step: int | None = None
+    best_checkpoint: str | None = None
+    best_suite: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -49,7 +56,7 @@ def read_records(jobs_root: Path) -> list[dict[str, Any]]:
 
 def list_jobs(jobs_root: Path) -> list[JobRow]:
     records = read_records(jobs_root)
-    ids = [str(r.get(k)) for r in records for k in ("train_job_id", "eval_job_id") if r.get(k)]
+    ids = [str(r.get(k)) for r in records for k in ("train_job_id", "eval_job_id", "watch_job_id") if r.get(k)]
     states = slurm.job_states(ids) if ids else {}
     rows = []
     for r in records:
@@ -57,6 +64,8 @@ def list_jobs(jobs_root: Path) -> list[JobRow]:
         ckpt_dir = Path(str(r.get("ckpt_dir") or ""))
         latest = find_latest(ckpt_dir) if r.get("ckpt_dir") else None
         verdict = latest_verdict(ckpt_dir) if r.get("ckpt_dir") else None
+        best = best_checkpoint(ckpt_dir) if r.get("ckpt_dir") else None
+        watch_id = r.get("watch_job_id")
         verdict_text = None
         if verdict is not None:
             verdict_text = f"{verdict.get('verdict')} (step {verdict.get('step')})"
@@ -71,6 +80,11 @@ def list_jobs(jobs_root: Path) -> list[JobRow]:
             step=step_of(latest) if latest else None,
             verdict=verdict_text,
             submitted_at=str(r.get("submitted_at") or ""),
+            watch_job_id=str(watch_id) if watch_id else None,
+            watch_state=_state(watch_id, states) if watch_id else "-",
+            best_step=best["step"] if best else None,
+            best_checkpoint=best["checkpoint"] if best else None,
+            best_suite=best["suite"] if best else None,
         ))
     return rows
 
@@ -82,16 +96,17 @@ def _state(job_id: Any, states: dict[str, str]) -> str:
 
 
 def format_table(rows: list[JobRow]) -> str:
-    header = ("NAME", "TRAIN JOB", "STATE", "EVAL JOB", "STATE", "LAST CHECKPOINT", "VERDICT", "SUBMITTED")
+    header = ("NAME", "TRAIN JOB", "STATE", "EVAL JOB", "STATE", "LAST CHECKPOINT", "VERDICT", "BEST", "SUBMITTED")
     body = [
         (
             r.name,
             r.train_job_id or "-",
             r.train_state,
-            r.eval_job_id or "-",
-            r.eval_state,
+            f"{r.watch_job_id} (watch)" if r.watch_job_id else r.eval_job_id or "-",
+            r.watch_state if r.watch_job_id else r.eval_state,
             f"step {r.step}" if r.step is not None else "-",
             r.verdict or "-",
+            f"step {r.best_step} ({r.best_suite})" if r.best_step is not None else "-",
             r.submitted_at,
         )
         for r in rows

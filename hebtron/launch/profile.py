@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -79,13 +79,17 @@ class Paths(_Section):
 
 
 class EvalJob(_Section):
-    """Resources of the chained evaluation job (one process)."""
+    """Resources of the evaluation jobs, chained or companion (one process each)."""
 
     partition: Token | None = Field(None, description="default: the training partition")
     gpus: int = Field(1, ge=0)
     cpus: int = Field(8, ge=1)
     mem: Token | None = None
     time: SlurmTime = "02:00:00"
+    # what `hebtron eval run --backend` the jobs use (hebtron.eval.runner.BACKENDS): vllm on
+    # GPU clusters whose image has vLLM, for large models; hebtron (the native model) by default
+    backend: Literal["hebtron", "hf", "vllm"] = Field("hebtron", description="hebtron eval run --backend")
+    poll: float = Field(30.0, gt=0, description="seconds between the watch job's looks for new checkpoints")
 
 
 class Profile(_Section):

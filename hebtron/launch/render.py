@@ -21,21 +21,26 @@ from hebtron.launch.profile import PROFILE_DIR, Profile
 
 TRAIN_TEMPLATE = "train.sbatch.j2"
 EVAL_TEMPLATE = "eval.sbatch.j2"
+WATCH_TEMPLATE = "watch.sbatch.j2"
 _SBATCH_LINE = re.compile(r"#SBATCH --[a-z][a-z0-9-]*(=[A-Za-z0-9_@%+=:,./-]+)?")
 
 
 @dataclass(frozen=True)
 class EvalChain:
-    """What the chained evaluation job runs: ``hebtron eval run`` then ``hebtron eval gate``."""
+    """What the evaluation job runs: after training, ``hebtron eval run`` then ``hebtron eval
+    gate`` on the last checkpoint; or, with ``every`` set, ``hebtron eval watch`` beside training
+    on every ``every``-th checkpoint (then policy and baseline are optional: with a policy the
+    watcher re-selects the checkpoint to keep after each evaluation)."""
 
     suite: str               # suite name (eval/suites/NAME.yaml) or path, passed through as given
     suite_tag: str           # file-name-safe suite name: CHECKPOINT/eval/<tag>.json
-    policy: str              # gate policy YAML
-    baseline: str            # a results JSON, or a model/checkpoint directory evaluated first
+    policy: str | None       # gate policy YAML (always set for the chained evaluation)
+    baseline: str | None     # a results JSON, or a model/checkpoint directory evaluated first
     baseline_is_results: bool
     # the suite's task dirs built at run time (``workdir_include``, ``--eval-tasks-dir``), made
     # absolute at submit time: the job runs in its own working directory, not where submit ran
     tasks_dirs: tuple[str, ...] = ()
+    every: int | None = None  # set: a companion watch job instead of the chained evaluation
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,7 @@ def _context(spec: JobSpec) -> dict[str, Any]:
         "job_name": spec.job_name,
         "job_dir": spec.job_dir,
         "recipe": spec.recipe,
+        "run_dir": spec.run_dir,
         "ckpt_dir": spec.ckpt_dir,
         "workdir": spec.workdir,
         "venv": spec.venv,
@@ -113,20 +119,34 @@ def render_train(spec: JobSpec) -> str:
     return script
 
 
-def render_eval(spec: JobSpec) -> str:
-    """The evaluation job chained after training: eval run, eval gate, verdict."""
-    if spec.eval is None:
-        raise ValueError("render_eval: the job has no evaluation chain")
+def _eval_context(spec: JobSpec) -> dict[str, Any]:
+    assert spec.eval is not None
     chain = spec.eval
-    context = _context(spec) | {
+    return _context(spec) | {
         "suite": chain.suite,
         "suite_tag": chain.suite_tag,
-        "policy": chain.policy,
-        "baseline": chain.baseline,
+        "policy": chain.policy or "",
+        "baseline": chain.baseline or "",
         "baseline_is_results": chain.baseline_is_results,
         "tasks_dirs": chain.tasks_dirs,
+        "every": chain.every or 1,
     }
-    script = _environment().get_template(EVAL_TEMPLATE).render(context)
+
+
+def render_eval(spec: JobSpec) -> str:
+    """The evaluation job chained after training: eval run, eval gate, verdict."""
+    if spec.eval is None or spec.eval.every is not None or spec.eval.policy is None or spec.eval.baseline is None:
+        raise ValueError("render_eval: the job has no chained evaluation (policy and baseline, no --eval-every)")
+    script = _environment().get_template(EVAL_TEMPLATE).render(_eval_context(spec))
+    check_sbatch_script(script)
+    return script
+
+
+def render_watch(spec: JobSpec) -> str:
+    """The companion job beside training: ``hebtron eval watch --until-job TRAIN_JOBID``."""
+    if spec.eval is None or spec.eval.every is None:
+        raise ValueError("render_watch: the job has no --eval-every")
+    script = _environment().get_template(WATCH_TEMPLATE).render(_eval_context(spec))
     check_sbatch_script(script)
     return script
 

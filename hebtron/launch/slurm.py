@@ -26,12 +26,13 @@ def _run(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedPro
         raise UserError(f"{cmd[0]}: no answer from Slurm in {TIMEOUT_S} s") from None
 
 
-def sbatch(script: Path, cwd: Path, dependency: str | None = None) -> str:
-    """Submit ``script`` with ``cwd`` as the job's working directory; returns the job id."""
+def sbatch(script: Path, cwd: Path, dependency: str | None = None, args: Sequence[str] = ()) -> str:
+    """Submit ``script`` (with ``args``: kept by Slurm across requeues) with ``cwd`` as the job's
+    working directory; returns the job id."""
     cmd = ["sbatch", "--parsable"]
     if dependency:
         cmd.append(f"--dependency={dependency}")
-    cmd.append(str(script))
+    cmd += [str(script), *args]
     done = _run(cmd, cwd=cwd)
     if done.returncode != 0:
         raise UserError(one_line(f"sbatch {script}: {done.stderr.strip() or done.stdout.strip() or 'failed'}"))

@@ -2,8 +2,9 @@
 
 The job directory (``<profile paths.jobs>/<name>``) holds what a reader needs to see or redo
 the job: the resolved recipe (overrides applied, paths absolute, ``parallel.dp`` set to the
-job's rank count), ``train.sbatch``, ``eval.sbatch`` when an evaluation is chained,
-``job.json`` (ids, paths, how it was submitted) and the Slurm logs.
+job's rank count), ``train.sbatch``, ``eval.sbatch`` when an evaluation is chained after
+training, ``watch.sbatch`` when a companion job evaluates checkpoints beside training
+(``--eval-every``), ``job.json`` (ids, paths, how it was submitted) and the Slurm logs.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from typing import Any
 from hebtron.errors import UserError
 from hebtron.launch import slurm
 from hebtron.launch.profile import PROFILE_DIR, Profile, load_profile, venv_path
-from hebtron.launch.render import EvalChain, JobSpec, render_eval, render_train
+from hebtron.launch.render import EvalChain, JobSpec, render_eval, render_train, render_watch
 from hebtron.recipe import Recipe, dump_recipe, load_recipe
 from hebtron.recipe.overrides import parse_override
 
 JOB_FILE = "job.json"
 TRAIN_SCRIPT = "train.sbatch"
 EVAL_SCRIPT = "eval.sbatch"
+WATCH_SCRIPT = "watch.sbatch"
 RECIPE_FILE = "recipe.yaml"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 SUITES_DIRS = (Path("eval") / "suites", PROFILE_DIR.parent / "eval" / "suites")
@@ -40,6 +42,7 @@ class Prepared:
     train_script: str
     eval_script: str | None
     record: dict[str, Any]
+    watch_script: str | None = None
 
 
 def safe_name(text: str, fallback: str = "hebtron") -> str:
@@ -117,15 +120,20 @@ def _tasks_dirs(suite_file: Path | None, given: list[str], check_paths: bool) ->
 
 def eval_chain(
     suite: str, policy: str | None, baseline: str | None, recipe: Recipe, check_paths: bool = True,
-    tasks_dirs: list[str] | None = None,
+    tasks_dirs: list[str] | None = None, every: int | None = None,
 ) -> EvalChain:
     """Resolve the evaluation chain's suite, gate policy, baseline and run-time task
     directories; fail early on a typo.
 
     With ``check_paths`` off (the files exist only on the cluster) the values are taken as
     given: a suite name stays a name, a baseline ending in ``.json`` is a results file, task
-    directories are left to the job's working directory.
+    directories are left to the job's working directory. With ``every`` (the companion watch
+    job) the policy and baseline are optional: without a policy the watcher only evaluates,
+    without a baseline it selects against the policy's ``select.baseline`` or the first
+    evaluated checkpoint.
     """
+    if every is not None and every < 1:
+        raise UserError(f"--eval-every: expected a positive number of checkpoints, got {every}")
     suite_file = _find_suite_file(suite)
     if suite_file is None and check_paths:
         raise UserError(f"--eval-suite {suite}: no such suite (a file, or NAME for eval/suites/NAME.yaml)")
@@ -137,9 +145,14 @@ def eval_chain(
             raise UserError(f"--eval-policy {policy}: no such file")
     elif suite_file is not None and suite_file.with_name(f"{stem}.gate.yaml").is_file():
         policy_path = suite_file.with_name(f"{stem}.gate.yaml")
+    elif every is not None:
+        policy_path = None
     else:
         raise UserError(f"--eval-policy: required, since there is no {stem}.gate.yaml beside the suite file")
-    if baseline is None:
+    baseline_path: Path | None
+    if baseline is None and every is not None and recipe.model.hf_path is None:
+        baseline_path, is_results = None, False
+    elif baseline is None:
         if recipe.model.hf_path is None:
             raise UserError(
                 "--eval-baseline: required, since the recipe trains from scratch (model.init); "
@@ -159,10 +172,11 @@ def eval_chain(
     return EvalChain(
         suite=str(suite_file.resolve()) if suite_file is not None and check_paths else suite,
         suite_tag=tag,
-        policy=os.path.abspath(policy_path),
-        baseline=os.path.abspath(baseline_path),
+        policy=os.path.abspath(policy_path) if policy_path is not None else None,
+        baseline=os.path.abspath(baseline_path) if baseline_path is not None else None,
         baseline_is_results=is_results,
         tasks_dirs=_tasks_dirs(suite_file, list(tasks_dirs or []), check_paths),
+        every=every,
     )
 
 
@@ -194,6 +208,7 @@ def prepare(
     eval_policy: str | None = None,
     eval_baseline: str | None = None,
     eval_tasks_dirs: list[str] | None = None,
+    eval_every: int | None = None,
     check_paths: bool = True,
     create: bool = False,
 ) -> Prepared:
@@ -210,7 +225,9 @@ def prepare(
         raise UserError(f"--name {name!r}: use letters, digits, '_', '.' and '-' only (e.g. {job_name!r})")
     if eval_tasks_dirs and not eval_suite:
         raise UserError("--eval-tasks-dir: only with --eval-suite")
-    chain = (eval_chain(eval_suite, eval_policy, eval_baseline, recipe, check_paths, eval_tasks_dirs)
+    if eval_every is not None and not eval_suite:
+        raise UserError("--eval-every: only with --eval-suite")
+    chain = (eval_chain(eval_suite, eval_policy, eval_baseline, recipe, check_paths, eval_tasks_dirs, eval_every)
              if eval_suite else None)
     jobs_root = Path(os.path.abspath(profile.paths.jobs))
     job_dir = _job_dir(jobs_root, job_name, create)
@@ -240,9 +257,12 @@ def prepare(
         "ranks": profile.nodes * profile.ranks_per_node,
         "train_job_id": None,
         "eval_job_id": None,
+        "watch_job_id": None,
         "eval": asdict(chain) if chain else None,
     }
-    return Prepared(spec, recipe, render_train(spec), render_eval(spec) if chain else None, record)
+    watching = chain is not None and chain.every is not None
+    return Prepared(spec, recipe, render_train(spec), render_eval(spec) if chain and not watching else None, record,
+                    render_watch(spec) if watching else None)
 
 
 def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
@@ -261,17 +281,23 @@ def write_record(job_dir: Path, record: dict[str, Any]) -> None:
 
 
 def submit(prepared: Prepared) -> dict[str, Any]:
-    """Write the job directory and submit: training, then the evaluation after it succeeds."""
+    """Write the job directory and submit: training, then the evaluation after it succeeds, or
+    the companion watch job beside it (given the training job's id as its argument)."""
     job_dir = Path(prepared.spec.job_dir)
     record = dict(prepared.record)
     write_text_atomic(job_dir / RECIPE_FILE, dump_recipe(prepared.recipe))
     write_text_atomic(job_dir / TRAIN_SCRIPT, prepared.train_script, 0o755)
     if prepared.eval_script is not None:
         write_text_atomic(job_dir / EVAL_SCRIPT, prepared.eval_script, 0o755)
+    if prepared.watch_script is not None:
+        write_text_atomic(job_dir / WATCH_SCRIPT, prepared.watch_script, 0o755)
     write_record(job_dir, record)
     record["train_job_id"] = slurm.sbatch(job_dir / TRAIN_SCRIPT, job_dir)
     write_record(job_dir, record)
     if prepared.eval_script is not None:
         record["eval_job_id"] = slurm.sbatch(job_dir / EVAL_SCRIPT, job_dir, dependency=f"afterok:{record['train_job_id']}")
+        write_record(job_dir, record)
+    if prepared.watch_script is not None:  # beside training, no dependency; it stops when training has ended
+        record["watch_job_id"] = slurm.sbatch(job_dir / WATCH_SCRIPT, job_dir, args=[record["train_job_id"]])
         write_record(job_dir, record)
     return record

@@ -368,11 +368,21 @@ class CheckpointSection(Section):
     )
 
 
+class WandbSection(Section):
+    """Mirror ``metrics.jsonl`` (training and eval records) to Weights & Biases (``pip install
+    'hebtron[wandb]'``). ``offline`` writes under ``RUN_DIR/wandb`` for a later ``wandb sync``."""
+
+    project: str = Field(min_length=1, description="W&B project")
+    entity: str | None = Field(None, min_length=1, description="W&B team or user; default: the account's")
+    mode: Literal["offline", "online", "disabled"] = Field("offline", description="offline: no network, sync later")
+
+
 class LoggingSection(Section):
     run_dir: OutputPath = Field(description="where metrics, logs and the resolved recipe go")
     log_interval: int = Field(10, gt=0, description="steps between metric lines")
     tensorboard: bool = True
     progress: bool = True
+    wandb: WandbSection | None = Field(None, description="mirror the metrics to Weights & Biases (optional)")
 
 
 class ParallelSection(Section):

@@ -96,6 +96,7 @@ class Trainer:
         self.metrics = MetricsWriter(
             self.run_dir, tensorboard=recipe.logging.tensorboard,
             resume_step=self.step if self.resumed_from is not None else None, enabled=self.ops.is_main,
+            wandb=recipe.logging.wandb,
         )
 
     # ------------------------------------------------------------------ the run

@@ -4,6 +4,8 @@
 its last checkpoint, so steps logged after that checkpoint are replayed; on resume the file is
 cut back to the resumed step so every step appears once and the curve matches the weights.
 Non-finite numbers are written as ``null`` so the file stays strict JSON for any reader.
+With recipe ``logging.wandb`` each record is mirrored to Weights & Biases too
+(:mod:`hebtron.train.wandb_mirror`).
 """
 
 from __future__ import annotations
@@ -119,14 +121,21 @@ class MetricsWriter:
         tensorboard: bool = False,
         resume_step: int | None = None,
         enabled: bool = True,
+        wandb: Any = None,
     ) -> None:
+        """``wandb``: the recipe's ``logging.wandb`` section (or None)."""
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
         self.enabled = enabled
         self._fh = None
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
+        if wandb is not None:  # first: a missing package is one line before any file is touched
+            from hebtron.train.wandb_mirror import WandbMirror
+
+            self._wandb = WandbMirror(wandb, self.run_dir, "train")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
             truncate_metrics(self.path, resume_step)
@@ -163,6 +172,8 @@ class MetricsWriter:
                 self._tb.add_scalar(ABORT_KEY, 1.0, global_step=step)
                 self._tb.add_text(ABORT_KEY, rec[ABORT_KEY], global_step=step)
                 self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(rec)
 
     def close(self) -> None:
         if self._fh is not None:
@@ -171,6 +182,9 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
     def __enter__(self) -> MetricsWriter:
         return self

@@ -103,3 +103,12 @@ def test_python_m_hebtron_cli_is_the_same_command(tmp_path: Path) -> None:
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stdout == "" and "Traceback" not in run.stderr, run.stderr
     assert run.stderr.startswith(f"error: {path}:") and run.stderr.count("\n") == 1
+
+
+def test_a_typo_in_model_init_is_named_with_the_override(tmp_path: Path, capsys) -> None:
+    """Unknown keys under model.init were once kept silently as HF extras (the default then won)."""
+    path = write_recipe(tmp_path)
+    assert main(["recipe", "show", str(path), "model.init.hiden_size=64"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "override 'model.init.hiden_size=64'" in err, err
+    assert "model.init.hiden_size" in err and "did you mean 'hidden_size'?" in err, err

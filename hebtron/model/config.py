@@ -229,6 +229,11 @@ class HybridConfig:
 
     # ---------------------------------------------------------------- HF interop
     @classmethod
+    def known_keys(cls) -> set[str]:
+        """Every key :meth:`from_dict` reads as a field: the field names, HF aliases, ``layers_block_type``."""
+        return ({f.name for f in dataclasses.fields(cls)} - {"extra"}) | set(_ALIASES) | {"layers_block_type"}
+
+    @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "model config") -> "HybridConfig":
         """Build from a HF ``config.json`` dict or a recipe's inline dict; unknown HF keys go to ``extra``."""
         data = dict(raw)

@@ -133,6 +133,12 @@ def _check_init(init: dict[str, Any]) -> None:
     from hebtron.errors import ConfigError
     from hebtron.model.config import HybridConfig
 
+    known = HybridConfig.known_keys()
+    unknown = [key for key in init if key not in known]  # a typo would silently keep the default
+    if unknown:
+        fields = sorted(known - {"layers_block_type"})
+        more = f" (and {len(unknown) - 1} more unknown keys)" if len(unknown) > 1 else ""
+        raise FieldProblem(("init", str(unknown[0])), f"unknown model config key{more}; {did_you_mean(str(unknown[0]), fields)}")
     try:
         HybridConfig.from_dict({"vocab_size": 1, **init}, source="model config")
     except ConfigError as err:

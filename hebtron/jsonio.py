@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,19 @@ def check_plain(value: Any, where: str, max_depth: int = MAX_DEPTH, error: type[
 class BadJSONLine(ValueError):
     """One line of a JSONL input that is not usable JSON; the message is the reason alone (the
     caller adds ``FILE:LINE``)."""
+
+
+def utf8_lines(path: Path) -> Iterator[tuple[str, str]]:
+    """``(where, text)`` for each line of ``path`` (``where`` is ``FILE:LINE``), read as bytes so
+    that a bad byte stops the read with one line naming its line and column, not the whole file."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                yield where, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{where}: not valid UTF-8 (byte {raw[err.start]:#04x} at column "
+                                f"{err.start + 1})") from None
 
 
 def loads_line(line: str) -> Any:

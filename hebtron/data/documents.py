@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hebtron.jsonio import BadJSONLine, loads_line
+from hebtron.jsonio import BadJSONLine, loads_line, utf8_lines
 from hebtron.lang import lang_id
 from hebtron.errors import UserError
 
@@ -53,24 +53,16 @@ def _check_record(text: Any, lang: Any, where: str, skip_empty: bool, stats: Rea
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[Any, Any, str]]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise UserError(
-                    f"{where}: not valid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})"
-                ) from None
-            if not line.strip():
-                continue  # blank lines (a trailing newline, say) are not documents
-            try:
-                rec = loads_line(line)
-            except BadJSONLine as err:
-                raise UserError(f"{where}: {err}") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{where}: expected a JSON object with a 'text' field, got {type(rec).__name__}")
-            yield rec.get("text"), rec.get("lang"), where
+    for where, line in utf8_lines(path):
+        if not line.strip():
+            continue  # blank lines (a trailing newline, say) are not documents
+        try:
+            rec = loads_line(line)
+        except BadJSONLine as err:
+            raise UserError(f"{where}: {err}") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{where}: expected a JSON object with a 'text' field, got {type(rec).__name__}")
+        yield rec.get("text"), rec.get("lang"), where
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[Any, Any, str]]:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from hebtron.data.documents import SUPPORTED
 from hebtron.errors import UserError
-from hebtron.jsonio import BadJSONLine, loads_line
+from hebtron.jsonio import BadJSONLine, loads_line, utf8_lines
 
 
 @dataclass(frozen=True)
@@ -55,24 +55,17 @@ def _entry(rec: dict[str, Any], where: str, default_source: str, field: str, ski
 
 
 def _jsonl(path: Path, field: str, skip_empty: bool) -> Iterator[Entry]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise UserError(
-                    f"{where}: not valid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})") from None
-            if not line.strip():
-                yield Entry("blank", where, path.stem)
-                continue
-            try:
-                rec = loads_line(line)
-            except BadJSONLine as err:
-                raise UserError(f"{where}: {err}") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{where}: expected a JSON object with a {field!r} field, got {type(rec).__name__}")
-            yield _entry(rec, where, path.stem, field, skip_empty, line.rstrip("\r\n"))
+    for where, line in utf8_lines(path):
+        if not line.strip():
+            yield Entry("blank", where, path.stem)
+            continue
+        try:
+            rec = loads_line(line)
+        except BadJSONLine as err:
+            raise UserError(f"{where}: {err}") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{where}: expected a JSON object with a {field!r} field, got {type(rec).__name__}")
+        yield _entry(rec, where, path.stem, field, skip_empty, line.rstrip("\r\n"))
 
 
 def _parquet(path: Path, field: str, skip_empty: bool) -> Iterator[Entry]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from hebtron.checkpoints import tokenizer_dir
 from hebtron.errors import UserError
-from hebtron.jsonio import BadJSONLine, loads_line
+from hebtron.jsonio import BadJSONLine, loads_line, utf8_lines
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -77,27 +77,20 @@ def iter_texts(paths: Sequence[str | Path], stats: TextStats | None = None) -> I
     for path in map(Path, paths):
         if not path.is_file():
             raise UserError(f"{path}: no such file")
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                where = f"{path}:{lineno}"
+        for where, line in utf8_lines(path):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
                 try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise UserError(f"{where}: not valid UTF-8 (byte {raw[err.start]:#04x} at column "
-                                    f"{err.start + 1})") from None
-                if not line.strip():
+                    text = _record_text(loads_line(line), where, stats)
+                except BadJSONLine as err:
+                    raise UserError(f"{where}: {err}") from None
+                if text is None:
                     continue
-                if path.suffix == ".jsonl":
-                    try:
-                        text = _record_text(loads_line(line), where, stats)
-                    except BadJSONLine as err:
-                        raise UserError(f"{where}: {err}") from None
-                    if text is None:
-                        continue
-                else:
-                    text = line.rstrip("\r\n")
-                stats.texts += 1
-                yield text
+            else:
+                text = line.rstrip("\r\n")
+            stats.texts += 1
+            yield text
 
 
 def train_tokenizer(

@@ -14,7 +14,7 @@ import yaml
 
 from hebtron.cli import main
 from hebtron.launch.mix.proxies import ProxyRun
-from hebtron.launch.mix.regression import choose, minimise, project
+from hebtron.launch.mix.regression import choose, minimise, project, top_k_mean
 from hebtron.launch.mix.slurm_array import render_array
 from hebtron.recipe import load_recipe
 from tests.train_fixtures import build_training_fixture, write_recipe
@@ -43,6 +43,23 @@ def test_quadratic_losses_find_the_interior_minimum():
     assert best.kind == "quadratic" and best.loo_spearman > 0.95
     proposal = minimise(best, np.zeros(3), np.ones(3), np.full((1, 3), 1 / 3))
     assert proposal == pytest.approx(target, abs=0.03)
+
+
+def test_top_k_mean_finds_the_interior_minimum_and_stays_off_the_corners():
+    """RegMix's proposal: near an interior minimum like the argmin; for a linear fit, whose argmin is
+    a corner of the bounds, it leans the same way but stays where the prior's draws lie."""
+    rng = np.random.default_rng(1)
+    w = rng.dirichlet(np.ones(3), size=20)
+    target = np.array([0.5, 0.3, 0.2])
+    bowl, _ = choose(w, 4.0 + ((w - target) ** 2).sum(axis=1), "quadratic")
+    assert top_k_mean(bowl, np.zeros(3), np.ones(3), 1.0, 0, top=100) == pytest.approx(target, abs=0.05)
+
+    line, _ = choose(w, w @ np.array([3.0, 2.0, 2.5]), "linear")
+    lower, upper = np.array([0.1, 0.0, 0.1]), np.array([1.0, 0.7, 1.0])
+    p = top_k_mean(line, lower, upper, 1.0, 0, top=100)
+    assert p.sum() == pytest.approx(1.0) and np.all(p >= lower) and np.all(p <= upper)
+    assert p[1] == max(p) and p[1] < 0.7 - 1e-3 and p[0] < p[2]  # towards the cheap source, short of the vertex
+    assert np.array_equal(p, top_k_mean(line, lower, upper, 1.0, 0, top=100))  # seeded
 
 
 def test_project_onto_the_bounded_simplex():

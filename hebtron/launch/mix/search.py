@@ -21,13 +21,13 @@ import yaml
 
 from hebtron.errors import UserError
 from hebtron.launch.mix.proxies import ProxyRun, draw_mixtures, record_result, run_all, write_recipe
-from hebtron.launch.mix.regression import choose, minimise, project
+from hebtron.launch.mix.regression import choose, minimise, project, top_k_mean
 from hebtron.launch.mix.spec import MixSpec, load_spec
 
 
 def _fingerprint(spec: MixSpec) -> str:
     key = {"sources": [s.name for s in spec.sources], "targets": [t.name for t in spec.targets],
-           "search": spec.search.model_dump(exclude={"model"}), "proxy": spec.proxy.model_dump()}
+           "search": spec.search.model_dump(exclude={"model", "propose", "top_k"}), "proxy": spec.proxy.model_dump()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -96,7 +96,11 @@ def fit_and_propose(spec: MixSpec, results: list[dict[str, Any]]) -> dict[str, A
     upper = np.array([s.max for s in spec.sources])
     natural = natural_weights(spec)
     uniform = np.full(len(names), 1 / len(names))
-    proposal = minimise(chosen, lower, upper, np.vstack([uniform, natural, w]))
+    search = spec.search
+    if search.propose == "argmin":
+        proposal = minimise(chosen, lower, upper, np.vstack([uniform, natural, w]))
+    else:
+        proposal = top_k_mean(chosen, lower, upper, search.alpha, search.seed, top=search.top_k)
     best = int(np.argmin(y))
 
     def point(weights: np.ndarray) -> dict[str, Any]:
@@ -110,9 +114,10 @@ def fit_and_propose(spec: MixSpec, results: list[dict[str, Any]]) -> dict[str, A
                   "loo_predicted": round(float(p), 5)} for r, p in zip(results, chosen.loo_predictions)],
         "regression": {"chosen": chosen.kind, "fits": [f.summary() for f in fits],
                        "why": "ridge: ~16 runs support a linear or quadratic model, not a tree ensemble; the "
-                              "feature set with the lower leave-one-out error is used",
+                              "feature set that ranks held-out runs best (leave-one-out Spearman) is used",
                        "held_out_spearman": round(chosen.loo_spearman, 4)},
         "proposal": point(proposal),
+        "proposal_method": search.propose if search.propose == "argmin" else f"top_k_mean (k={search.top_k})",
         "natural": point(natural),
         "natural_in_bounds": point(project(natural, lower, upper)),
         "uniform": point(uniform),
@@ -158,7 +163,7 @@ def report_markdown(report: dict[str, Any]) -> str:
              f"Targets (objective = weighted mean validation loss): "
              + ", ".join(f"{_cell(t)} x{w}" for t, w in report["targets"].items()), "",
              f"Regression: ridge on **{reg['chosen']}** features; held-out (leave-one-out) Spearman "
-             f"**{reg['held_out_spearman']}**. {reg['why']}.", "",
+             f"**{reg['held_out_spearman']}**. {reg['why']}. Proposal: {report['proposal_method']}.", "",
              "| features | ridge alpha | LOO RMSE | LOO Spearman | LOO Pearson |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {f['features']} | {f['ridge_alpha']:.2g} | {f['loo_rmse']} | {f['loo_spearman']} | {f['loo_pearson']} |"
               for f in reg["fits"]]

@@ -61,7 +61,13 @@ class Search(_Section):
     alpha: float = Field(1.0, gt=0, description="Dirichlet concentration (1: uniform over the simplex)")
     seed: int = Field(0, ge=0)
     model: Literal["auto", "linear", "quadratic"] = Field(
-        "auto", description="ridge on the weights, ridge on weights and their products, or the better held out")
+        "auto", description="ridge on the weights, ridge on weights and their products, or the one that ranks "
+                           "held-out runs better")
+    propose: Literal["top_k_mean", "argmin"] = Field(
+        "top_k_mean", description="top_k_mean (RegMix): the mean of the top_k best-predicted of many mixtures drawn "
+                                  "from the proxies' prior; argmin: the fit's minimum (a corner of the bounds for a "
+                                  "linear fit, far from every proxy)")
+    top_k: int = Field(100, ge=1, description="top_k_mean: mixtures averaged (of 100,000 drawn)")
 
 
 class Fragment(_Section):

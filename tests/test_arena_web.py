@@ -150,11 +150,11 @@ def test_browser_votes_land_in_sqlite_double_vote_is_refused_and_results_show(se
     assert all(re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$", created) for *_, created in rows)
     # the same form submitted again from the browser (a second tab, a double click): refused, not stored
     battle, _, fields = cast[0]
-    page.evaluate("""f => { const form = document.createElement('form'); form.method = 'post'; form.action = '/vote';
-        for (const [k, v] of Object.entries(f)) { const i = document.createElement('input'); i.type = 'hidden';
-        i.name = k; i.value = v; form.appendChild(i); } document.body.appendChild(form); form.submit(); }""",
-                  fields | {"outcome": "b"})
-    page.wait_for_load_state()
+    with page.expect_navigation():  # wait for the post's page, not for the one already loaded
+        page.evaluate("""f => { const form = document.createElement('form'); form.method = 'post'; form.action = '/vote';
+            for (const [k, v] of Object.entries(f)) { const i = document.createElement('input'); i.type = 'hidden';
+            i.name = k; i.value = v; form.appendChild(i); } document.body.appendChild(form); form.submit(); }""",
+                      fields | {"outcome": "b"})
     assert "already voted on this pair" in page.inner_text("body")
     assert len(db_rows(server["db"], "SELECT id FROM votes WHERE voter = ?", voter)) == 4
     # the results page shows the standings

@@ -186,6 +186,7 @@ class Arena:
         self.check_origin(request)
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
             raise HTTPException(415, "Expected a form post (application/x-www-form-urlencoded).")
+        await request.body()  # whole first (at most MAX_BODY, else 413), so a big body is 413 however it arrives
         try:
             form = await request.form(max_files=0, max_fields=8, max_part_size=4096)
         except HTTPException:

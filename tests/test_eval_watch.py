@@ -256,3 +256,16 @@ def test_a_killed_and_restarted_watcher_evaluates_nothing_twice(tmp_path, eval_e
     third = subprocess.run(_watch_cmd(ckpt_dir, eval_env["suite"]) + ["--once"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=120)
     assert third.returncode == 0 and "0 evaluated now" in third.stdout, third.stdout + third.stderr
+
+
+def test_the_token_axis_continues_past_the_last_checkpoint():
+    """The step axis has margins; mapped by a clamped interpolation they all read as the last
+    token count, and the top axis's ticks piled up at the right edge (seen on the demo's PNG)."""
+    import numpy as np
+
+    from hebtron.eval.table import _extrapolated
+
+    steps, tokens = np.array([0.0, 50.0, 147.0]), np.array([0.0, 102_400.0, 301_056.0])
+    assert _extrapolated(np.array([25.0, 160.0, -5.0]), steps, tokens) == pytest.approx(
+        [51_200.0, 301_056.0 + 13 * 2048.0, -5 * 2048.0])
+    assert _extrapolated(_extrapolated(160.0, steps, tokens), tokens, steps) == pytest.approx(160.0)

@@ -193,13 +193,28 @@ def curves(rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> Figure:
     known = sorted({(r["step"], r["tokens"]) for r in [*train, *rows] if isinstance(r.get("tokens"), int)})
     if len(known) >= 2:
         steps, toks = np.array([k[0] for k in known], float), np.array([k[1] for k in known], float)
-        top = axes[0].secondary_xaxis("top", functions=(lambda s: np.interp(s, steps, toks),
-                                                        lambda t: np.interp(t, toks, steps)))
+        top = axes[0].secondary_xaxis("top", functions=(lambda s: _extrapolated(s, steps, toks),
+                                                        lambda t: _extrapolated(t, toks, steps)))
         top.set_xlabel("tokens", fontsize=8)
         top.xaxis.set_major_formatter(lambda x, _pos: f"{x / 1e9:g}B" if x >= 1e9 else (
             f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k"))
     fig.tight_layout()
     return fig
+
+
+def _extrapolated(x: Any, xp: np.ndarray, fp: np.ndarray) -> Any:
+    """``np.interp`` that continues the end segments' slopes past the ends: clamped, the margins
+    of the step axis would map to the last token count, and its ticks would pile up there."""
+    import numpy as np
+
+    y = np.interp(x, xp, fp)
+    if len(xp) < 2:
+        return y
+    lo_slope = (fp[1] - fp[0]) / (xp[1] - xp[0]) if xp[1] != xp[0] else 0.0
+    hi_slope = (fp[-1] - fp[-2]) / (xp[-1] - xp[-2]) if xp[-1] != xp[-2] else 0.0
+    x = np.asarray(x, dtype=float)
+    return np.where(x < xp[0], fp[0] + (x - xp[0]) * lo_slope,
+                    np.where(x > xp[-1], fp[-1] + (x - xp[-1]) * hi_slope, y))
 
 
 def write_table(run_dir: str | Path, out_dir: str | Path | None = None, suite: str | None = None,

@@ -89,6 +89,18 @@ def loads_line(line: str) -> Any:
     return value
 
 
+def object_line(where: str, line: str, field: str) -> dict[str, Any]:
+    """One JSONL line that should be an object with ``field``: the object, or a one-line
+    :class:`UserError` naming ``where`` (``FILE:LINE``)."""
+    try:
+        rec = loads_line(line)
+    except BadJSONLine as err:
+        raise UserError(f"{where}: {err}") from None
+    if not isinstance(rec, dict):
+        raise UserError(f"{where}: expected a JSON object with a {field!r} field, got {type(rec).__name__}")
+    return rec
+
+
 def _child(path: str, key: Any, in_list: bool) -> str:
     if in_list:
         return f"{path}[{key}]"

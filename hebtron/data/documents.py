@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hebtron.jsonio import BadJSONLine, loads_line, utf8_lines
+from hebtron.jsonio import object_line, utf8_lines
 from hebtron.lang import lang_id
 from hebtron.errors import UserError
 
@@ -56,12 +56,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[Any, Any, str]]:
     for where, line in utf8_lines(path):
         if not line.strip():
             continue  # blank lines (a trailing newline, say) are not documents
-        try:
-            rec = loads_line(line)
-        except BadJSONLine as err:
-            raise UserError(f"{where}: {err}") from None
-        if not isinstance(rec, dict):
-            raise UserError(f"{where}: expected a JSON object with a 'text' field, got {type(rec).__name__}")
+        rec = object_line(where, line, "text")
         yield rec.get("text"), rec.get("lang"), where
 
 

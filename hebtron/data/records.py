@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from hebtron.data.documents import SUPPORTED
 from hebtron.errors import UserError
-from hebtron.jsonio import BadJSONLine, loads_line, utf8_lines
+from hebtron.jsonio import object_line, utf8_lines
 
 
 @dataclass(frozen=True)
@@ -59,12 +59,7 @@ def _jsonl(path: Path, field: str, skip_empty: bool) -> Iterator[Entry]:
         if not line.strip():
             yield Entry("blank", where, path.stem)
             continue
-        try:
-            rec = loads_line(line)
-        except BadJSONLine as err:
-            raise UserError(f"{where}: {err}") from None
-        if not isinstance(rec, dict):
-            raise UserError(f"{where}: expected a JSON object with a {field!r} field, got {type(rec).__name__}")
+        rec = object_line(where, line, field)
         yield _entry(rec, where, path.stem, field, skip_empty, line.rstrip("\r\n"))
 
 

@@ -202,7 +202,7 @@ def curves(rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> Figure:
     return fig
 
 
-def _extrapolated(x: Any, xp: np.ndarray, fp: np.ndarray) -> Any:
+def _extrapolated(x: Any, xp: Any, fp: Any) -> Any:
     """``np.interp`` that continues the end segments' slopes past the ends: clamped, the margins
     of the step axis would map to the last token count, and its ticks would pile up there."""
     import numpy as np

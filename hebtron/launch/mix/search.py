@@ -160,7 +160,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     names = report["sources"]
     reg = report["regression"]
     lines = ["# Mixture search", "",
-             f"Targets (objective = weighted mean validation loss): "
+             "Targets (objective = weighted mean validation loss): "
              + ", ".join(f"{_cell(t)} x{w}" for t, w in report["targets"].items()), "",
              f"Regression: ridge on **{reg['chosen']}** features; held-out (leave-one-out) Spearman "
              f"**{reg['held_out_spearman']}**. {reg['why']}. Proposal: {report['proposal_method']}.", "",

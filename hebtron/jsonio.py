@@ -133,18 +133,28 @@ def parse_json(text: str | bytes, where: str, error: type[UserError] = UserError
     return check_plain(value, where, error=error)
 
 
+def read_user_text(path: str | os.PathLike[str], what: str, where: str | None = None,
+                   error: type[UserError] = UserError, missing: str | None = None) -> str:
+    """The UTF-8 text of a file a user named: missing, a directory, unreadable or not UTF-8 is one
+    line naming ``where`` (default: the path) and ``what`` was expected (``missing``: the words
+    for a file that does not exist)."""
+    path = Path(path)
+    where = str(path) if where is None else where
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise error(f"{where}: {missing or f'no such file (expected a {what})'}") from None
+    except IsADirectoryError:
+        raise error(f"{where}: is a directory, expected a {what}") from None
+    except UnicodeDecodeError as err:
+        raise error(f"{where}: not UTF-8 text (bad byte at offset {err.start})") from None
+    except (OSError, ValueError) as err:  # ValueError: a path with a NUL byte
+        raise error(_first_line(f"{where}: cannot read ({getattr(err, 'strerror', None) or err})")) from None
+
+
 def read_json(path: str | os.PathLike[str], what: str = "JSON file", error: type[UserError] = UserError) -> Any:
     """The JSON in file ``path``; missing, a directory, unreadable or malformed: one line."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise error(f"{path}: not found (expected a {what})") from None
-    except IsADirectoryError:
-        raise error(f"{path}: is a directory, expected a {what}") from None
-    except OSError as err:
-        raise error(f"{path}: cannot read ({err.strerror or err})") from None
-    return parse_json(data, str(path), error)
+    return parse_json(read_user_text(path, what, error=error, missing=f"not found (expected a {what})"), str(path), error)
 
 
 def read_json_object(path: str | os.PathLike[str], what: str = "JSON file",

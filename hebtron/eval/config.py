@@ -123,20 +123,11 @@ def load_yaml_model(path: str | Path, cls: type[M]) -> M:
     """A suite or policy file as ``cls``. Every way the file can be wrong is one line naming it:
     missing, a directory, not UTF-8, not YAML, nested too deeply, an alias bomb, huge integers,
     duplicate keys (the recipe reader's checks, :mod:`hebtron.recipe.yamlio`), wrong fields."""
+    from hebtron.jsonio import read_user_text
     from hebtron.recipe.yamlio import fresh_tree, parse_yaml
 
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a YAML file") from None
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {err.start})") from None
-    except OSError as err:
-        raise UserError(f"{path}: not readable ({err.strerror or err})") from None
-    raw = parse_yaml(text, str(path))
+    raw = parse_yaml(read_user_text(path, "YAML file"), str(path))
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of {cls.__name__.lower()} fields")
     raw = fresh_tree(raw, str(path))

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from hebtron.errors import UserError
+from hebtron.jsonio import read_user_text
 from hebtron.recipe.hints import kind, one_line, preview
 
 
@@ -122,16 +123,7 @@ def _valid_text(text: str, where: str, path: str) -> str:
 
 def read_yaml_file(path: Path, where: str) -> dict[str, Any]:
     """A recipe file as a dict (an empty file is an empty dict)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{where}: no such recipe file") from None
-    except IsADirectoryError:
-        raise UserError(f"{where}: is a directory, expected a YAML recipe file") from None
-    except UnicodeDecodeError as err:
-        raise UserError(f"{where}: not UTF-8 text (bad byte at offset {err.start})") from None
-    except (OSError, ValueError) as err:
-        raise UserError(one_line(f"{where}: cannot read: {getattr(err, 'strerror', None) or err}")) from None
+    text = read_user_text(path, "YAML recipe file", where, missing="no such recipe file")
     data = parse_yaml(text, where)
     if data is None:
         return {}

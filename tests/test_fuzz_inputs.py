@@ -855,6 +855,10 @@ STATES: list[tuple[str, Callable[[dict], dict], str]] = [
     ("rng-numpy-garbage", lambda s: {**s, "extra": {**s["extra"], "rng": {**s["extra"]["rng"], "numpy": ["x"]}}},
      "rng"),
     ("extra-tokens-string", lambda s: {**s, "extra": {**s["extra"], "tokens": "many"}}, "tokens"),
+    # the MoE monitor's state (restored by the engine, not the trainer): a mutation once hit it
+    ("moe-monitor-garbage", lambda s: {**s, "extra": {**s["extra"], "moe": {**s["extra"]["moe"], "monitor": {}}}}, "moe"),
+    ("moe-multiplier-string", lambda s: {**s, "extra": {**s["extra"], "moe": {**s["extra"]["moe"], "multiplier": "x"}}},
+     "moe"),
     ("huge-int", None, ""),
     ("deep", None, ""),
 ]

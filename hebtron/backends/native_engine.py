@@ -24,7 +24,7 @@ from hebtron.checkpoints import is_sharded_checkpoint
 from hebtron.model.hf import hf_tensors_from_state, load_hf_state_dict
 from hebtron.model.implementations import implementations
 from hebtron.recipe import Recipe
-from hebtron.train.checkpoint import load_checkpoint, save_checkpoint
+from hebtron.train.checkpoint import RUN_STATE_ERRORS, load_checkpoint, run_state_error, save_checkpoint
 from hebtron.train.engine import MODEL_INPUTS, StepPlan, StepResult, to_device
 from hebtron.train.loss import LOSS_IMPLEMENTATION, token_loss_sum_from_hidden
 from hebtron.train.moe_step import MoEStep
@@ -173,14 +173,21 @@ class NativeEngine:
         single-process one is read whole and (FSDP2) scattered."""
         if is_sharded_checkpoint(path):
             extra = load_sharded(self.model, self.optimizer, path)
-            self.moe.load_state_dict(extra.get("moe") or {})
+            self._restore_moe(path, extra)
             return extra
         _, optim_state, extra = load_checkpoint(path)
         self.ops.load_model_state(self.model, load_hf_state_dict(path, self.config))
         if optim_state is not None:
             self.ops.load_optimizer_state(self.model, self.optimizer, optim_state)
-        self.moe.load_state_dict(extra.get("moe") or {})
+        self._restore_moe(path, extra)
         return extra
+
+    def _restore_moe(self, path: Path, extra: dict[str, Any]) -> None:
+        """The router monitor's and balancing state; a damaged one is one line naming ``extra.moe``."""
+        try:
+            self.moe.load_state_dict(extra.get("moe") or {})
+        except RUN_STATE_ERRORS as err:
+            raise run_state_error(path, "moe", err) from None
 
     def close(self) -> None:
         self.ops.close()

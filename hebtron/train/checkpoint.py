@@ -504,6 +504,18 @@ def load_checkpoint(
     return model_state, optimizer_state, extra
 
 
+# What restoring a run-state field from a trainer_state.json that came from disk may raise.
+RUN_STATE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RuntimeError)
+
+
+def run_state_error(checkpoint: Path, field: str, err: BaseException) -> CheckpointError:
+    """The one line for a field of ``extra`` that is missing or misshaped (``extra.rng``, ``extra.moe``)."""
+    detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    if isinstance(err, KeyError):
+        detail = f"missing {detail}"
+    return CheckpointError(f"{Path(checkpoint) / STATE_FILE}: extra.{field}: unusable run state ({detail})")
+
+
 def _load_failure(exc: Exception) -> str:
     """Why ``torch.load(weights_only=True)`` refused a file, in a short clause: its own message is
     paragraphs of advice (among them to load with weights_only=False, which would run the file's code)."""

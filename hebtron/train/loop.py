@@ -29,7 +29,9 @@ from hebtron.model.config import describe
 from hebtron.recipe import Recipe, dump_recipe
 from hebtron.recipe.units import parse_ramp
 from hebtron.train.batch_size import BatchSizePolicy, NoiseMeasurement, NoiseScaleEstimator
-from hebtron.train.checkpoint import capture_rng, ensure_room, repair_interrupted_swap, restore_rng
+from hebtron.train.checkpoint import (
+    RUN_STATE_ERRORS, capture_rng, ensure_room, repair_interrupted_swap, restore_rng, run_state_error,
+)
 from hebtron.train.engine import StepPlan, TrainEngine, split_rows
 from hebtron.train.guards import EarlyKillGuard, NanGuard, TrainingAborted
 from hebtron.train.metrics import ABORT_KEY, MetricsWriter, Progress
@@ -330,45 +332,37 @@ class Trainer:
     def _restore_run_state(self, extra: dict[str, Any], where: Path) -> None:
         """Position, data, schedule, guards and RNG: what every engine's checkpoint carries. A
         field that is missing or misshaped is one line naming it (the file came from disk)."""
-        at = ["extra"]
-        try:
-            for name in ("tokens", "data", "schedule", "nan_guard", "rng"):
-                if name not in extra:
-                    raise KeyError(name)
-            self._load_run_state(extra, at)
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RuntimeError) as err:
-            detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            if isinstance(err, KeyError):
-                detail = f"missing {detail}"
-            label = "extra" if at[-1] == "extra" else f"extra.{at[-1]}"
-            raise CheckpointError(f"{where / 'trainer_state.json'}: {label}: unusable run state ({detail})") from None
+        for name in ("step", "tokens", "data", "schedule", "nan_guard", "rng"):
+            if name not in extra:
+                raise CheckpointError(f"{where / 'trainer_state.json'}: extra: unusable run state (missing {name!r})")
+        for name, restore in self._run_state_parts(extra):
+            try:
+                restore()
+            except RUN_STATE_ERRORS as err:
+                raise run_state_error(where, name, err) from None
 
-    def _load_run_state(self, extra: dict[str, Any], at: list[str]) -> None:
-        """Restore from ``extra``; ``at[-1]`` names the field being read (for the error line)."""
-        at.append("step")
-        self.step = int(extra["step"])
-        at.append("tokens")
-        self.tokens = int(extra["tokens"])
-        at.append("data")
-        self.data.load_state_dict(extra["data"])
-        at.append("schedule")
-        self.schedule.load_state_dict(extra["schedule"])
-        at.append("nan_guard")
-        self.nan_guard.load_state_dict(extra["nan_guard"])
+    def _run_state_parts(self, extra: dict[str, Any]) -> list[tuple[str, Callable[[], None]]]:
+        """(field of ``extra``, how to restore it), in restore order; the RNG last."""
+        def assign(attr: str, value: Callable[[], Any]) -> Callable[[], None]:
+            return lambda: setattr(self, attr, value())
+
+        parts: list[tuple[str, Callable[[], None]]] = [
+            ("step", assign("step", lambda: int(extra["step"]))),
+            ("tokens", assign("tokens", lambda: int(extra["tokens"]))),
+            ("data", lambda: self.data.load_state_dict(extra["data"])),
+            ("schedule", lambda: self.schedule.load_state_dict(extra["schedule"])),
+            ("nan_guard", lambda: self.nan_guard.load_state_dict(extra["nan_guard"])),
+        ]
         if self.early_kill is not None and extra.get("early_kill"):
-            at.append("early_kill")
-            self.early_kill.load_state_dict(extra["early_kill"])
-        at.append("val_loss_start")
-        self.val_loss_start = dict(extra.get("val_loss_start") or {})
+            parts.append(("early_kill", lambda: self.early_kill.load_state_dict(extra["early_kill"])))
+        parts.append(("val_loss_start", assign("val_loss_start", lambda: dict(extra.get("val_loss_start") or {}))))
         if extra.get("batch_size"):
-            at.append("batch_size")
-            self.batch_policy.load_state_dict(extra["batch_size"])
-            at.append("noise")
-            self.noise.load_state_dict(extra["noise"])
-            at.append("tokens_per_sequence")
-            self._tokens_per_sequence = float(extra["tokens_per_sequence"])
-        at.append("rng")
-        restore_rng(extra["rng"])
+            parts += [("batch_size", lambda: self.batch_policy.load_state_dict(extra["batch_size"])),
+                      ("noise", lambda: self.noise.load_state_dict(extra["noise"])),
+                      ("tokens_per_sequence",
+                       assign("_tokens_per_sequence", lambda: float(extra["tokens_per_sequence"])))]
+        parts.append(("rng", lambda: restore_rng(extra["rng"])))
+        return parts
 
     # ------------------------------------------------------------------ helpers
     def _install_signal_handlers(self) -> None:

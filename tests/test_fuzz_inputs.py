@@ -56,6 +56,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import re
 import shutil
 import signal
 import struct
@@ -1139,6 +1140,27 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 
 
 _BYTE_CLASS = {"recipe": "recipe", "config": "ckpt", "state": "ckpt", "chat": "chat"}
+# pytest's base temp directory (with xdist's worker folder) differs from run to run and worker to
+# worker; files that hold paths are mutated with it replaced by a fixed placeholder, so that the
+# seeded mutations land on the same bytes every time
+_BASETEMP = re.compile(rb"/[^\s\"']*?/pytest-\d+(?:/popen-gw\d+)?")
+_PLACEHOLDER = b"/BASETEMP"
+
+
+def mutate_file(path: Path, rng: random.Random, case_dir: Path) -> None:
+    """:func:`mutate` ``path`` in place, on its bytes with the run-dependent directories (the
+    case's own, numbered by pytest, then the base temp) stood in for by fixed placeholders."""
+    data = path.read_bytes()
+    swaps = [(str(case_dir).encode(), b"/CASEDIR")]
+    bases = set(_BASETEMP.findall(data.replace(swaps[0][0], swaps[0][1])))
+    assert len(bases) <= 1, bases
+    swaps += [(base, _PLACEHOLDER) for base in bases]
+    for real, fixed in swaps:
+        data = data.replace(real, fixed)
+    data = mutate(data, rng)
+    for real, fixed in reversed(swaps):
+        data = data.replace(fixed, real)
+    path.write_bytes(data)
 
 
 def _byte_case(target: str, n: int):
@@ -1147,23 +1169,23 @@ def _byte_case(target: str, n: int):
             rng = random.Random(f"{SEED}-{target}-{i}")
             if target == "recipe":
                 path = env.recipe()
-                path.write_bytes(mutate(path.read_bytes(), rng))
+                mutate_file(path, rng, env.tmp)
                 return Expect(show(path), [str(path)], codes=(0, 2))
             if target == "config":
                 ckpt = env.checkpoint()
                 path = ckpt / "config.json"
-                path.write_bytes(mutate(path.read_bytes(), rng))
+                mutate_file(path, rng, env.tmp)
                 return Expect(["model", "info", str(path)], [str(path)], codes=(0, 2))
             if target == "state":
                 ckpt = env.checkpoint()
                 path = ckpt / "trainer_state.json"
-                path.write_bytes(mutate(path.read_bytes(), rng))
+                mutate_file(path, rng, env.tmp)
                 _restamp(ckpt)
                 tree = env.recipe_tree()
                 tree["train"]["total_steps"] = 4  # nothing left to train when the state still loads
                 return Expect(["train", str(env.recipe(tree)), "--resume", str(ckpt)], [str(path)], codes=(0, 2))
             path = env.write("chat.jsonl", _jsonl([CONV, CONV, CONV]))
-            path.write_bytes(mutate(path.read_bytes(), rng))
+            mutate_file(path, rng, env.tmp)
             argv = ["data", "pack", "--input", str(path), "--tokenizer", str(env.tokenizer), "--seq-len", "64",
                     "--out", str(env.tmp / "packed.parquet"), "--template", "chatml"]
             return Expect(argv, [str(path)], codes=(0, 2), stdout="read ")

@@ -29,7 +29,7 @@ import yaml
 
 from hebtron.launch.submit import safe_name
 from tests.test_eval_fixtures import build_tiny_checkpoint, write_demo_corpus, write_suite
-from tests.train_fixtures import build_training_fixture, write_recipe
+from tests.train_fixtures import build_training_fixture, stop_saves, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # a real Slurm, jobs of minutes
@@ -228,10 +228,9 @@ def test_time_limit_signal_and_requeue_resume_with_the_same_losses_and_restarts_
 
     def resumed_after_signal():
         text = log.read_text() if log.exists() else ""
-        for saved in re.finditer(r"signal 10: saving a checkpoint at step ([1-9]\d*)", text):
-            step = saved.group(1)
-            if re.search(rf"resumed from \S+step_0*{step} at step {step}\b", text[saved.end():]):
-                return int(step)
+        for step in stop_saves(text, 10):
+            if step > 0 and re.search(rf"resumed from \S+step_0*{step} at step {step}\b", text):
+                return step
         return None
 
     step = _wait(resumed_after_signal, 240, "a time-limit signal, a checkpoint and a resume from it", log)
@@ -241,7 +240,7 @@ def test_time_limit_signal_and_requeue_resume_with_the_same_losses_and_restarts_
     cluster.run("scontrol", "requeue", job["id"])
     cluster.wait_state(job["id"], {"FAILED"}, 180, log)
     text = log.read_text()
-    assert re.search(r"signal 15: saving a checkpoint at step \d+ and stopping", text), text[-4000:]
+    assert stop_saves(text, 15), text[-4000:]
     assert "the job was restarted 2 times (limit 1); giving up" in text
     assert text.count("resumed from") == 1
     _compare_with_uninterrupted(cluster, job)

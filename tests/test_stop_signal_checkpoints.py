@@ -36,7 +36,7 @@ import torch
 
 from hebtron.checkpoints import checkpoint_problem, find_latest
 from hebtron.train.commands import STOPPED_EXIT_CODE
-from tests.train_fixtures import build_training_fixture, write_recipe
+from tests.train_fixtures import build_training_fixture, stop_saves, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning:megatron.*")]
@@ -159,9 +159,9 @@ def _interrupt(run: Run, send, after_step: int) -> None:
 def _check_stop(run: Run, before: int) -> int:
     """The stop step's checkpoint is complete and ``latest``; returns that step."""
     text = run.text()
-    saved = re.findall(r"signal 15: saving a checkpoint at step (\d+) and stopping", text)
+    saved = stop_saves(text, 15)
     assert saved, text[-6000:]
-    step = int(saved[-1])
+    step = saved[-1]
     assert step >= before, (step, before)
     latest = find_latest(run.run_dir / "checkpoints")
     assert latest is not None and latest.name == f"step_{step:08d}", (latest, text[-6000:])

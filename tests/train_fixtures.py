@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import yaml
@@ -88,3 +89,12 @@ def run_two_ranks(script: str | Path, *args: str, timeout: int = 600):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args],
         cwd=repo, env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def stop_saves(text: str, signum: int) -> list[int]:
+    """The steps at which a run stopped on ``signum`` with that step's checkpoint on disk, from its
+    log: saved for the stop, or already saved because the signal landed on an interval step (the
+    loop then does not save twice, and says so)."""
+    pattern = (rf"signal {signum}: (?:saving a checkpoint at step (\d+) and stopping"
+               rf"|stopping at step (\d+) \(its checkpoint is on disk\))")
+    return [int(a or b) for a, b in re.findall(pattern, text)]
